@@ -1,0 +1,277 @@
+"""The distill flow: seeds -> expand -> answer -> validate -> export, as cached, retryable tasks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field
+from tasks.validate import ValidationFailed, validate_dataset
+
+from tasks.answer import AnswerResult, answer_inputs
+from tasks.expand import expand_inputs, seed_inputs
+from tasks.export import (
+    PublishedVersion,
+    assemble_candidates,
+    code_version,
+    publish_dataset,
+    upload_folder,
+)
+from tasks.recipe import Recipe, load_recipe
+from tasks.teacher import CallStats, TeacherEndpoint, TeacherError, get_engine
+
+# Top-up cycles: when answers are rejected, expansion runs again for the missing rows.
+MAX_CYCLES = 4
+
+
+class DistillParams(BaseModel):
+    """Parameters of one distill run (rendered as a form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str = Field(description="Path or fsspec URI (s3://...) of the recipe YAML file.")
+    examples: int | None = Field(
+        None, ge=1, description="Target dataset size, seeds included; default: the recipe's."
+    )
+    output: str = Field(
+        "./out", description="Where versions are published: a local folder or an s3:// URI."
+    )
+    teacher_model: str | None = Field(None, description="Override the recipe's teacher model.")
+    teacher_base_url: str | None = Field(
+        None,
+        description=(
+            "OpenAI-compatible endpoint of the teacher; default: the recipe's, else "
+            "OPENAI_BASE_URL, else OpenAI's API (needs OPENAI_API_KEY)."
+        ),
+    )
+    answer_batch_size: int = Field(
+        500, ge=1, description="Inputs per answer task (the unit Prefect caches and retries)."
+    )
+
+
+def resolve_endpoint(recipe: Recipe, params: DistillParams) -> TeacherEndpoint:
+    """Flag, then recipe, then OPENAI_BASE_URL, then OpenAI (if a key is set)."""
+    base_url = (
+        params.teacher_base_url or recipe.teacher.base_url or os.environ.get("OPENAI_BASE_URL")
+    )
+    if base_url is None and not os.environ.get("OPENAI_API_KEY"):
+        raise TeacherError(
+            "no teacher endpoint: pass --teacher-base-url URL (parameter teacher_base_url), set "
+            "OPENAI_BASE_URL, or set OPENAI_API_KEY to use OpenAI's API."
+        )
+    return TeacherEndpoint(
+        model=params.teacher_model or recipe.teacher.model,
+        base_url=base_url,
+        structured_output=recipe.teacher.structured_output,
+    )
+
+
+@task(name="load-recipe", cache_policy=NO_CACHE)
+def load_recipe_task(uri: str) -> Recipe:
+    """Read and check the recipe."""
+    return load_recipe(uri)
+
+
+def _run_name() -> str:
+    params = flow_run.parameters.get("params", {})
+    recipe = params.get("recipe", "recipe") if isinstance(params, dict) else "recipe"
+    stem = Path(str(recipe)).stem
+    return f"{stem}-{datetime.now(UTC):%Y-%m-%d-%H%M}"
+
+
+def _answer_all(
+    recipe: Recipe, endpoint: TeacherEndpoint, inputs: pd.DataFrame, cycle: int, size: int
+) -> list[AnswerResult]:
+    futures = [
+        answer_inputs.submit(
+            recipe, endpoint, inputs.iloc[i : i + size], f"cycle-{cycle}-batch-{i // size + 1}"
+        )
+        for i in range(0, len(inputs), size)
+    ]
+    return [f.result() for f in futures]
+
+
+@flow(
+    name="distill",
+    flow_run_name=_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+    log_prints=True,
+)
+def distill(params: DistillParams) -> dict[str, Any]:
+    """Build and publish one dataset version from a recipe."""
+    log = get_run_logger()
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    recipe = load_recipe_task(params.recipe)
+    endpoint = resolve_endpoint(recipe, params)
+    target = params.examples or recipe.examples
+    if target < len(recipe.seeds):
+        raise ValueError(
+            f"examples={target} is below the recipe's {len(recipe.seeds)} seeds; ask for at least "
+            f"{len(recipe.seeds)} examples."
+        )
+    run_id = str(flow_run.get_id() or "local")
+    teacher_stats = CallStats()
+    expansion_counts: Counter[str] = Counter()
+    expansion_rejects: Counter[str] = Counter()
+    shortfalls: list[str] = []
+    rejected_inputs: list[pd.DataFrame] = []
+
+    t0 = time.monotonic()
+    inputs = seed_inputs(recipe)
+    answered = _answer_all(recipe, endpoint, inputs, 0, params.answer_batch_size)
+    for cycle in range(1, MAX_CYCLES + 1):
+        accepted = sum(int((a.rows["status"] == "accepted").sum()) for a in answered)
+        if accepted >= target:
+            break
+        expansion = expand_inputs(recipe, endpoint, inputs, target - accepted, cycle)
+        teacher_stats.add(expansion.stats)
+        expansion_counts.update(
+            requests=expansion.requests,
+            rounds=expansion.rounds,
+            parsed=expansion.parsed,
+            accepted=len(expansion.accepted),
+            surplus=expansion.surplus,
+        )
+        expansion_rejects.update(expansion.rejects)
+        if len(expansion.rejected):
+            rejected_inputs.append(expansion.rejected)
+        if expansion.shortfall:
+            shortfalls.append(expansion.shortfall)
+        if expansion.accepted.empty:
+            break
+        inputs = pd.concat([inputs, expansion.accepted], ignore_index=True)
+        answered += _answer_all(
+            recipe, endpoint, expansion.accepted, cycle, params.answer_batch_size
+        )
+    timings["teacher"] = round(time.monotonic() - t0, 2)
+    for a in answered:
+        teacher_stats.add(a.stats)
+
+    all_rows = pd.concat([a.rows for a in answered], ignore_index=True)
+    candidates = assemble_candidates(all_rows, recipe, run_id)
+    answer_rejects = Counter(candidates.loc[candidates["status"] == "rejected", "reason"])
+    min_rows = recipe.validation.min_rows or target
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="distillery-gx-") as tmp:
+        docs_uri = f"{params.output.rstrip('/')}/{recipe.name}/runs/{run_id}/data-docs"
+        try:
+            report = validate_dataset(candidates, recipe.validation, min_rows, tmp)
+        except ValidationFailed as exc:
+            upload_folder(Path(tmp), params.output, recipe.name, "runs", run_id, "data-docs")
+            exc.args = (f"{exc.args[0]} Data Docs: {docs_uri}/index.html",)
+            raise
+        upload_folder(Path(tmp), params.output, recipe.name, "runs", run_id, "data-docs")
+    timings["validate"] = round(time.monotonic() - t0, 2)
+
+    rejected = pd.concat(
+        [*rejected_inputs, candidates[candidates["status"] == "rejected"].assign(stage="answer")],
+        ignore_index=True,
+    )
+    engine = get_engine(endpoint)
+    dataset = candidates[candidates["status"] == "accepted"]
+    manifest: dict[str, Any] = {
+        "dataset": recipe.name,
+        "run_id": run_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "code_version": code_version(),
+        "recipe": {
+            "uri": params.recipe,
+            "hash": recipe.content_hash(),
+            "examples_target": target,
+        },
+        "teacher": {
+            "model": endpoint.model,
+            "host": endpoint.host,
+            "structured_output": engine.structured_form,
+        },
+        "counts": {
+            "seeds": len(recipe.seeds),
+            "expansion": {**expansion_counts, "rejected": dict(expansion_rejects)},
+            "answers": {
+                "answered": len(candidates),
+                "accepted": len(dataset),
+                "rejected": dict(answer_rejects),
+            },
+            "rejected_rows": len(rejected),
+        },
+        "tokens": {
+            "dataset_prompt_tokens": int(dataset["prompt_tokens"].sum()),
+            "dataset_completion_tokens": int(dataset["completion_tokens"].sum()),
+            "requests": teacher_stats.requests,
+            "requests_cached": teacher_stats.cached,
+            "requests_sent": teacher_stats.sent,
+            "retries": teacher_stats.retries,
+            "sent_prompt_tokens": teacher_stats.prompt_tokens,
+            "sent_completion_tokens": teacher_stats.completion_tokens,
+        },
+        "validation": report.to_dict(),
+        "data_docs": f"{docs_uri}/index.html",
+        "shortfall": shortfalls,
+        "timings_s": timings,
+    }
+    t0 = time.monotonic()
+    published: PublishedVersion = publish_dataset(
+        params.output, recipe, candidates, rejected, manifest
+    )
+    timings["publish"] = round(time.monotonic() - t0, 2)
+    timings["total"] = round(time.monotonic() - started, 2)
+    summary = {
+        "uri": published.uri,
+        "version": published.version,
+        "published": published.counts,
+        "answer_rejects": dict(answer_rejects),
+        "expansion_rejects": dict(expansion_rejects),
+        "requests_sent": teacher_stats.sent,
+        "requests_cached": teacher_stats.cached,
+        "shortfall": shortfalls,
+        "timings_s": timings,
+    }
+    create_markdown_artifact(
+        key="dataset-summary",
+        markdown=_summary_markdown(recipe, summary),
+        description=f"{recipe.name} {published.version}",
+    )
+    log.info(
+        "published %s: %d rows (train %d, validation %d); %d teacher requests sent, %d cached",
+        published.uri,
+        published.counts["total"],
+        published.counts["train"],
+        published.counts["validation"],
+        teacher_stats.sent,
+        teacher_stats.cached,
+    )
+    return summary
+
+
+def _summary_markdown(recipe: Recipe, summary: dict[str, Any]) -> str:
+    counts = summary["published"]
+    lines = [
+        f"# {recipe.name} `{summary['version']}`",
+        "",
+        f"Published to `{summary['uri']}`.",
+        "",
+        "| what | count |",
+        "|---|---|",
+        f"| rows | {counts['total']} |",
+        f"| train | {counts['train']} |",
+        f"| validation | {counts['validation']} |",
+        f"| teacher requests sent | {summary['requests_sent']} |",
+        f"| teacher requests from cache | {summary['requests_cached']} |",
+        *(f"| rejected at expansion: {k} | {v} |" for k, v in summary["expansion_rejects"].items()),
+        *(f"| rejected at answer: {k} | {v} |" for k, v in summary["answer_rejects"].items()),
+    ]
+    lines += [f"\n> {s}" for s in summary["shortfall"]]
+    return "\n".join(lines)

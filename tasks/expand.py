@@ -1,0 +1,334 @@
+"""Expansion: the Self-Instruct loop that turns seeds into many new (context, question) inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from datasketch import MinHash, MinHashLSH
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from tasks.recipe import Recipe, ValidationSettings
+from tasks.record import TEMPLATE_LEAK_PATTERN, normalise_text, record_id
+from tasks.teacher import CallStats, ChatRequest, TeacherEndpoint, TeacherError, get_engine
+
+logger = logging.getLogger("distillery.expand")
+
+# Bump when the prompt building or parsing changes, so Prefect's cache of this stage turns over.
+EXPANSION_VERSION = "1"
+
+INPUT_COLUMNS = [
+    "id",
+    "user_context",
+    "question",
+    "source",
+    "seed_ids",
+    "max_similarity",
+    "expansion_request_id",
+]
+
+
+def expansion_schema(n: int) -> dict[str, Any]:
+    """JSON schema of one expansion reply: exactly n examples."""
+    item = {
+        "type": "object",
+        "properties": {"user_context": {"type": "string"}, "question": {"type": "string"}},
+        "required": ["user_context", "question"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"examples": {"type": "array", "items": item, "minItems": n, "maxItems": n}},
+        "required": ["examples"],
+        "additionalProperties": False,
+    }
+
+
+def render_examples(examples: list[tuple[str, str]]) -> str:
+    """The few-shot text form the prompt shows and the text parser reads back."""
+    return "\n\n".join(
+        f"# USER CONTEXT {i}\n{ctx.strip()}\n\n# QUESTION {i}\n{q.strip()}"
+        for i, (ctx, q) in enumerate(examples, start=1)
+    )
+
+
+def build_expansion_request(recipe: Recipe, shown: list[tuple[str, str]], n: int) -> ChatRequest:
+    """Messages and sampling of one expansion request (pure)."""
+    prompt = recipe.expansion.prompt.format(n=n, examples=render_examples(shown))
+    return ChatRequest(
+        messages=(("user", prompt),),
+        temperature=recipe.expansion.temperature,
+        top_p=1.0,
+        max_tokens=recipe.expansion.max_tokens,
+        json_schema=expansion_schema(n),
+        schema_name="examples",
+    )
+
+
+_TEXT_FORM = re.compile(
+    r"#+\s*user\s+context\s*\d*\s*:?\s*\n?(?P<ctx>.*?)#+\s*question\s*\d*\s*:?\s*\n?(?P<q>.*?)"
+    r"(?=#+\s*user\s+context|\Z)",
+    re.IGNORECASE | re.DOTALL,
+)
+_LEADING_NOISE = re.compile(
+    r"^\s*(?:#+\s*(?:user\s+context|question)\s*\d*\s*:?|(?:user\s+context|question)\s*\d*\s*:|"
+    r"\d+\s*[.)]|[-*])\s*",
+    re.IGNORECASE,
+)
+
+
+def clean_field(text: str) -> str:
+    """Strip what is only formatting: numbering, a repeated field marker, quotes, white space."""
+    text = normalise_text(text)
+    previous = None
+    while previous != text:
+        previous = text
+        text = _LEADING_NOISE.sub("", text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def parse_examples(content: str) -> list[tuple[str, str]]:
+    """Examples from a reply: JSON (`{"examples": [...]}` or a list) or the text form."""
+    stripped = content.strip()
+    if stripped.startswith("```"):
+        stripped = re.sub(r"^```\w*\s*|\s*```$", "", stripped)
+    try:
+        data = json.loads(stripped, strict=False)
+    except json.JSONDecodeError:
+        data = None
+    items: list[Any]
+    if isinstance(data, dict) and isinstance(data.get("examples"), list):
+        items = data["examples"]
+    elif isinstance(data, list):
+        items = data
+    else:
+        items = [
+            {"user_context": m["ctx"], "question": m["q"]} for m in _TEXT_FORM.finditer(content)
+        ]
+    found = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        ctx, q = item.get("user_context"), item.get("question")
+        if isinstance(ctx, str) and isinstance(q, str):
+            found.append((clean_field(ctx), clean_field(q)))
+    return found
+
+
+def _shingles(text: str, k: int = 5) -> set[bytes]:
+    text = normalise_text(text).casefold()
+    if len(text) <= k:
+        return {text.encode()}
+    return {text[i : i + k].encode() for i in range(len(text) - k + 1)}
+
+
+class NearDuplicateIndex:
+    """MinHash LSH over character 5-grams of context + question; reports the highest similarity."""
+
+    NUM_PERM = 64
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=self.NUM_PERM)
+        self._hashes: dict[str, MinHash] = {}
+
+    def _minhash(self, text: str) -> MinHash:
+        mh = MinHash(num_perm=self.NUM_PERM)
+        mh.update_batch(list(_shingles(text)))
+        return mh
+
+    def check(self, key: str, text: str) -> tuple[float, MinHash]:
+        """Max estimated Jaccard similarity to an indexed row (0.0 when none is close)."""
+        mh = self._minhash(text)
+        best = 0.0
+        for other in self._lsh.query(mh):
+            best = max(best, float(mh.jaccard(self._hashes[other])))
+        return best, mh
+
+    def add(self, key: str, mh: MinHash) -> None:
+        if key not in self._hashes:
+            self._hashes[key] = mh
+            self._lsh.insert(key, mh)
+
+
+def _length_problem(text: str, bounds: tuple[int, int]) -> str | None:
+    if len(text) < bounds[0]:
+        return f"shorter than {bounds[0]} characters"
+    if len(text) > bounds[1]:
+        return f"longer than {bounds[1]} characters"
+    return None
+
+
+def judge_input(ctx: str, q: str, limits: ValidationSettings) -> tuple[str, str] | None:
+    """Reason and detail for dropping a generated input, or None to keep it (pure)."""
+    for name, text, bounds in (
+        ("user_context", ctx, limits.context_chars),
+        ("question", q, limits.question_chars),
+    ):
+        problem = _length_problem(text, bounds)
+        if problem:
+            return "length", f"{name} {problem}"
+        if re.search(TEMPLATE_LEAK_PATTERN, text):
+            return "template_leak", f"{name} contains a prompt-template marker"
+    return None
+
+
+@dataclass
+class ExpansionResult:
+    accepted: pd.DataFrame
+    rejected: pd.DataFrame
+    stats: CallStats = field(default_factory=CallStats)
+    rounds: int = 0
+    requests: int = 0
+    parsed: int = 0
+    surplus: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+    shortfall: str | None = None
+
+
+def seed_inputs(recipe: Recipe) -> pd.DataFrame:
+    """The recipe's seeds as input rows."""
+    rows = [
+        {
+            "id": record_id(s.user_context, s.question),
+            "user_context": normalise_text(s.user_context),
+            "question": normalise_text(s.question),
+            "source": "seed",
+            "seed_ids": [],
+            "max_similarity": 0.0,
+            "expansion_request_id": "",
+        }
+        for s in recipe.seeds
+    ]
+    return pd.DataFrame(rows, columns=INPUT_COLUMNS)
+
+
+def run_expansion(
+    recipe: Recipe, endpoint: TeacherEndpoint, existing: pd.DataFrame, want: int, cycle: int
+) -> ExpansionResult:
+    """Rounds of expansion until `want` new inputs are accepted or the round cap is reached."""
+    cfg = recipe.expansion
+    engine = get_engine(endpoint)
+    seeds = seed_inputs(recipe)
+    seed_pairs = list(zip(seeds["id"], seeds["user_context"], seeds["question"], strict=True))
+    index = NearDuplicateIndex(cfg.near_duplicate_threshold)
+    known: set[str] = set()
+    for rid, ctx, q in zip(
+        existing["id"], existing["user_context"], existing["question"], strict=True
+    ):
+        known.add(rid)
+        index.add(rid, index.check(rid, f"{ctx}\n{q}")[1])
+    result = ExpansionResult(accepted=pd.DataFrame(columns=INPUT_COLUMNS), rejected=pd.DataFrame())
+    accepted: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    m = cfg.examples_per_request
+    while len(accepted) < want and result.rounds < cfg.max_rounds:
+        missing = want - len(accepted)
+        # Ask for a quarter more than is missing: some replies are duplicates or unusable.
+        n_requests = max(1, math.ceil(missing * 1.25 / m))
+        requests, shown_ids = [], []
+        for i in range(n_requests):
+            rng = random.Random(f"{recipe.random_seed}/{cycle}/{result.rounds}/{i}")
+            picked = rng.sample(seed_pairs, min(cfg.seeds_per_request, len(seed_pairs)))
+            shown = [(c, q) for _, c, q in picked]
+            if accepted and cfg.generated_per_request:
+                extra = rng.sample(accepted, min(cfg.generated_per_request, len(accepted)))
+                shown += [(e["user_context"], e["question"]) for e in extra]
+                rng.shuffle(shown)
+            requests.append(build_expansion_request(recipe, shown, m))
+            shown_ids.append([sid for sid, _, _ in picked])
+        label = f"expand cycle {cycle} round {result.rounds + 1}"
+        replies, stats = engine.complete(requests, label)
+        result.stats.add(stats)
+        result.requests += len(requests)
+        result.rounds += 1
+        parsed_this_round = 0
+        for reply, ids in zip(replies, shown_ids, strict=True):
+            examples = parse_examples(reply.content)
+            if not examples:
+                result.rejects["unparseable_reply"] += 1
+            parsed_this_round += len(examples)
+            for ctx, q in examples:
+                rid = record_id(ctx, q)
+                row = {
+                    "id": rid,
+                    "user_context": ctx,
+                    "question": q,
+                    "source": "generated",
+                    "seed_ids": ids,
+                    "max_similarity": 0.0,
+                    "expansion_request_id": reply.request_id,
+                }
+                verdict = judge_input(ctx, q, recipe.validation)
+                if verdict is None and rid in known:
+                    verdict = (
+                        "duplicate",
+                        "same normalised context and question as an earlier row",
+                    )
+                if verdict is None:
+                    similarity, mh = index.check(rid, f"{ctx}\n{q}")
+                    row["max_similarity"] = round(similarity, 4)
+                    if similarity >= cfg.near_duplicate_threshold:
+                        verdict = ("near_duplicate", f"MinHash similarity {similarity:.2f}")
+                if verdict is not None:
+                    result.rejects[verdict[0]] += 1
+                    rejected.append(
+                        {**row, "stage": "expand", "reason": verdict[0], "detail": verdict[1]}
+                    )
+                    continue
+                known.add(rid)
+                if len(accepted) >= want:
+                    result.surplus += 1
+                    continue
+                index.add(rid, mh)
+                accepted.append(row)
+        result.parsed += parsed_this_round
+        if parsed_this_round == 0:
+            sample = replies[0].content.strip().replace("\n", " ")[:160] if replies else ""
+            raise TeacherError(
+                f"the teacher at {endpoint.host} (model {endpoint.model!r}) returned no parseable "
+                f"examples in {len(replies)} replies of {label}; first reply began: {sample!r}. "
+                "Use a model that follows instructions, or set teacher.structured_output in the "
+                "recipe to a form the endpoint supports (json_schema, json_object, text)."
+            )
+    if len(accepted) < want:
+        result.shortfall = (
+            f"expansion stopped at the round cap ({cfg.max_rounds}) with {len(accepted)} of {want} "
+            f"new inputs accepted ({result.requests} requests, {result.parsed} examples parsed, "
+            f"rejected: {dict(result.rejects)}); raise expansion.max_rounds or lower "
+            "expansion.near_duplicate_threshold in the recipe."
+        )
+        logger.warning(result.shortfall)
+    result.accepted = pd.DataFrame(accepted, columns=INPUT_COLUMNS)
+    result.rejected = pd.DataFrame(rejected)
+    return result
+
+
+@task(
+    name="expand",
+    task_run_name="expand-cycle-{cycle}",
+    retries=2,
+    retry_delay_seconds=10,
+    cache_policy=INPUTS + TASK_SOURCE,
+    persist_result=True,
+)
+def expand_inputs(
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    existing: pd.DataFrame,
+    want: int,
+    cycle: int,
+    version: str = EXPANSION_VERSION,
+) -> ExpansionResult:
+    """Generate `want` new inputs with the teacher (Self-Instruct rounds)."""
+    return run_expansion(recipe, endpoint, existing, want, cycle)

@@ -1,0 +1,200 @@
+"""Assembly and export: the candidate dataset, published as a versioned Parquet dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.recipe import Recipe
+from tasks.record import RECORD_COLUMNS, RECORD_SCHEMA, REJECT_SCHEMA
+
+logger = logging.getLogger("distillery.export")
+
+
+def assign_split(ids: pd.Series, validation_fraction: float) -> pd.Series:
+    """Deterministic split by id: a row's split never depends on the other rows."""
+
+    def split(rid: str) -> str:
+        bucket = int(hashlib.sha256(f"split/{rid}".encode()).hexdigest()[:8], 16) / 2**32
+        return "validation" if bucket < validation_fraction else "train"
+
+    return ids.map(split)
+
+
+def assemble_candidates(answered: pd.DataFrame, recipe: Recipe, run_id: str) -> pd.DataFrame:
+    """Every answered row in record form plus `status`: the frame the GX suite checks."""
+    frame = answered.copy()
+    frame["split"] = assign_split(frame["id"], recipe.validation_fraction)
+    frame["run_id"] = run_id
+    frame["created_at"] = pd.Timestamp.now(tz="UTC").floor("us")
+    return frame.reset_index(drop=True)
+
+
+def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    version = metadata.version("distillery")
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (FileNotFoundError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return version
+    return f"{version}+g{sha}"
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    uri: str
+    version: str
+    counts: dict[str, int]
+
+
+def dataset_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
+    counts = manifest["counts"]["published"]
+    lines = [
+        f"# {recipe.name}",
+        "",
+        recipe.description.strip() or "A fine-tuning dataset distilled from a teacher LLM.",
+        "",
+        f"- version: `{manifest['version']}`",
+        f"- teacher: `{manifest['teacher']['model']}` at `{manifest['teacher']['host']}`",
+        f"- rows: {counts['total']} (train {counts['train']}, validation {counts['validation']})",
+        f"- seeds: {manifest['counts']['seeds']}; answer style: {recipe.answer.style}",
+        f"- made by distillery {manifest['code_version']}, run `{manifest['run_id']}`",
+        "",
+        "## Files",
+        "",
+        "- `train.parquet`, `validation.parquet`: one row per example (columns below), zstd.",
+        "- `train.jsonl`, `validation.jsonl`: OpenAI chat fine-tuning format (`messages`).",
+        "- `rejected.parquet`: rows a stage threw away, with `stage`, `reason` and `detail`.",
+        "- `manifest.json`: counts per stage, tokens, validation summary, timings.",
+        "",
+        "## Columns",
+        "",
+        "| column | type |",
+        "|---|---|",
+        *(f"| `{f.name}` | `{f.type}` |" for f in RECORD_SCHEMA),
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import pandas as pd",
+        f'train = pd.read_parquet("{manifest["uri"]}/train.parquet")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def publish(
+    output: str,
+    recipe: Recipe,
+    dataset: pd.DataFrame,
+    rejected: pd.DataFrame,
+    manifest: dict[str, Any],
+) -> PublishedVersion:
+    """Write a new version folder, then move LATEST to it (last: a half-written run never wins)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    base = posixpath.join(root, recipe.name)
+    now = datetime.now(UTC)
+    version = f"{now:%Y%m%dT%H%M%SZ}-{manifest['run_id'][:8]}"
+    folder = posixpath.join(base, version)
+    uri = output.rstrip("/") + f"/{recipe.name}/{version}"
+    fs.makedirs(folder, exist_ok=True)
+
+    def write_bytes(name: str, data: bytes) -> None:
+        with fs.open(posixpath.join(folder, name), "wb") as f:
+            f.write(data)
+
+    def write_parquet(name: str, table: pa.Table) -> None:
+        with fs.open(posixpath.join(folder, name), "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+
+    counts = {"total": len(dataset)}
+    for split in ("train", "validation"):
+        part = dataset[dataset["split"] == split]
+        counts[split] = len(part)
+        write_parquet(f"{split}.parquet", _table(part, RECORD_SCHEMA))
+        jsonl = "".join(
+            json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in part["messages"]
+        )
+        write_bytes(f"{split}.jsonl", jsonl.encode())
+    write_parquet("rejected.parquet", _rejected_table(rejected))
+    manifest = {**manifest, "version": version, "uri": uri}
+    manifest["counts"]["published"] = counts
+    write_bytes("README.md", dataset_card(recipe, manifest).encode())
+    write_bytes("manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+    with fs.open(posixpath.join(base, "LATEST"), "wb") as f:
+        f.write(version.encode())
+    return PublishedVersion(uri=uri, version=version, counts=counts)
+
+
+def _rejected_table(rejected: pd.DataFrame) -> pa.Table:
+    frame = rejected.copy()
+    for name in REJECT_SCHEMA.names:
+        if name not in frame.columns:
+            frame[name] = None
+    frame = (
+        frame[REJECT_SCHEMA.names].astype(object).where(frame[REJECT_SCHEMA.names].notna(), None)
+    )
+    return pa.Table.from_pandas(frame, schema=REJECT_SCHEMA, preserve_index=False)
+
+
+def read_latest(output: str, name: str) -> str | None:
+    """The version LATEST points at, or None when nothing was published yet."""
+    fs, root = fsspec.core.url_to_fs(output)
+    try:
+        with fs.open(posixpath.join(root, name, "LATEST"), "rb") as f:
+            return str(f.read().decode().strip())
+    except FileNotFoundError:
+        return None
+
+
+def upload_folder(local: Path, output: str, *parts: str) -> str:
+    """Copy a local folder (the Data Docs) under the output; returns its URI."""
+    fs, root = fsspec.core.url_to_fs(output)
+    target = posixpath.join(root, *parts)
+    fs.makedirs(target, exist_ok=True)
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            dest = posixpath.join(target, path.relative_to(local).as_posix())
+            fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+            fs.put_file(str(path), dest)
+    return output.rstrip("/") + "/" + "/".join(parts)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_dataset(
+    output: str,
+    recipe: Recipe,
+    candidates: pd.DataFrame,
+    rejected: pd.DataFrame,
+    manifest: dict[str, Any],
+) -> PublishedVersion:
+    """Publish the accepted rows as a new dataset version and move LATEST to it."""
+    dataset = candidates[candidates["status"] == "accepted"][RECORD_COLUMNS]
+    return publish(output, recipe, dataset, rejected, manifest)

@@ -1,0 +1,263 @@
+"""Recipes: one YAML file per niche domain, loaded and checked before any teacher call."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import string
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.record import normalise_text, record_id
+
+
+class RecipeError(ValueError):
+    """A recipe (or its seeds file) that cannot be used; the message names the place and the fix."""
+
+
+DEFAULT_EXPANSION_PROMPT = (
+    "I will give you a sample prompt with a user context section and a question. "
+    "Can you generate {n} more examples following the same pattern? Each new example must have "
+    "a different user (other circumstances, goals and numbers) and a different question.\n\n"
+    "{examples}"
+)
+
+DEFAULT_ANSWER_SYSTEM = (
+    "You are an expert for stock markets. I will give you some user context and you will provide "
+    "me with a good answer to my question. Use your knowledge of markets, investing and personal "
+    "finance. Please provide concrete answer and justify your answer based on the information "
+    "provided in the user context."
+)
+
+DEFAULT_ANSWER_USER = "# USER CONTEXT\n{user_context}\n\n# QUESTION\n{question}"
+
+# Orca-style explanation tuning: the teacher reasons step by step before it answers.
+EXPLAINED_SUFFIX = (
+    " Think step by step: first restate what matters in the user context, then reason through the "
+    "options, and only then give your final recommendation and its justification."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Seed(_Strict):
+    user_context: str = Field(min_length=1, description="What the teacher knows about the user.")
+    question: str = Field(min_length=1, description="What the user asks.")
+
+
+class TeacherSettings(_Strict):
+    model: str = Field(description="Teacher model name, as the endpoint knows it.")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint; the flag and OPENAI_BASE_URL override it."
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature for answers.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for answers.")
+    max_tokens: int = Field(
+        768, gt=0, description="Answer length cap; longer answers are rejected."
+    )
+    structured_output: Literal["auto", "json_schema", "json_object", "text"] = Field(
+        "auto",
+        description=(
+            "How expansion asks for JSON: OpenAI's json_schema form, llama.cpp's "
+            "json_object+schema form, plain text, or auto (json_schema, falling back on the "
+            "endpoint's first 4xx)."
+        ),
+    )
+
+
+class ExpansionSettings(_Strict):
+    prompt: str = Field(
+        DEFAULT_EXPANSION_PROMPT,
+        description="Few-shot prompt; variables {n} (how many to write) and {examples}.",
+    )
+    seeds_per_request: int = Field(3, ge=1, description="k: seeds shown in each request.")
+    generated_per_request: int = Field(
+        2, ge=0, description="Accepted generated examples shown too, after the first round."
+    )
+    examples_per_request: int = Field(5, ge=1, le=50, description="m: new examples asked for.")
+    near_duplicate_threshold: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="MinHash Jaccard similarity at or above which a row is dropped.",
+    )
+    max_rounds: int = Field(30, ge=1, description="Cap on expansion rounds per cycle.")
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature for expansion.")
+    max_tokens: int = Field(1536, gt=0, description="Token cap of one expansion reply.")
+
+
+class AnswerSettings(_Strict):
+    system: str = Field(DEFAULT_ANSWER_SYSTEM, description="System prompt of the answer call.")
+    user: str = Field(
+        DEFAULT_ANSWER_USER, description="User turn; variables {user_context} and {question}."
+    )
+    style: Literal["direct", "explained"] = Field(
+        "direct", description="explained: Orca-style, the teacher reasons step by step first."
+    )
+
+
+class ValidationSettings(_Strict):
+    min_rows: int | None = Field(
+        None, ge=1, description="Fewest rows a version may have; default: the target size."
+    )
+    max_rejected_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Largest share of answered rows the answer filters may reject.",
+    )
+    context_chars: tuple[int, int] = Field((10, 4000), description="Length bounds of user_context.")
+    question_chars: tuple[int, int] = Field((10, 1000), description="Length bounds of question.")
+    answer_chars: tuple[int, int] = Field((20, 8000), description="Length bounds of answer.")
+
+
+class Recipe(_Strict):
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Dataset name: lowercase letters, digits, dashes.",
+    )
+    description: str = Field("", description="One paragraph for the dataset card.")
+    seeds: tuple[Seed, ...] = Field(description="The hand-written examples.")
+    examples: int = Field(200, ge=1, description="Target dataset size (seeds included).")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out.")
+    random_seed: int = Field(0, description="Seed of every sampling decision, for repeatable runs.")
+    teacher: TeacherSettings
+    expansion: ExpansionSettings = ExpansionSettings()
+    answer: AnswerSettings = AnswerSettings()
+    validation: ValidationSettings = ValidationSettings()
+
+    @model_validator(mode="after")
+    def _check_templates(self) -> Recipe:
+        _check_template("expansion.prompt", self.expansion.prompt, {"n", "examples"})
+        _check_template("answer.system", self.answer.system, {"user_context", "question"})
+        _check_template("answer.user", self.answer.user, {"user_context", "question"})
+        return self
+
+    def content_hash(self) -> str:
+        """Hash of everything that shapes the data, for the manifest and cache keys."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _check_template(where: str, template: str, allowed: set[str]) -> None:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}; write a literal brace as {{{{ or }}}}") from exc
+    unknown = sorted(f for f in fields if f not in allowed)
+    if unknown:
+        raise ValueError(
+            f"{where} uses unknown variable {{{unknown[0]}}}; allowed: "
+            + ", ".join("{" + a + "}" for a in sorted(allowed))
+        )
+
+
+def load_recipe(uri: str) -> Recipe:
+    """Read a recipe from a local path or fsspec URI; raise RecipeError naming what to fix."""
+    raw = _read_text(uri, what="recipe")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(
+            f"{uri}: not valid YAML ({exc}); fix the syntax at the line shown."
+        ) from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{uri}: expected a mapping of recipe fields at the top level.")
+    seeds_file = data.pop("seeds_file", None)
+    if seeds_file is not None:
+        if "seeds" in data:
+            raise RecipeError(f"{uri}: give either 'seeds' or 'seeds_file', not both.")
+        data["seeds"] = _load_seeds_file(_resolve(uri, str(seeds_file)))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(uri, exc)) from None
+    _check_seeds(uri, recipe.seeds)
+    return recipe
+
+
+def _read_text(uri: str, what: str) -> str:
+    try:
+        with fsspec.open(uri, "r", encoding="utf-8") as f:
+            return str(f.read())
+    except FileNotFoundError:
+        raise RecipeError(f"{uri}: {what} file not found; check the path or URI.") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
+        raise RecipeError(f"{uri}: cannot read the {what} file ({exc}).") from None
+
+
+def _resolve(recipe_uri: str, seeds_uri: str) -> str:
+    """A relative seeds_file is relative to the recipe's folder (local or remote)."""
+    if "://" in seeds_uri or seeds_uri.startswith("/"):
+        return seeds_uri
+    return posixpath.join(posixpath.dirname(recipe_uri) or ".", seeds_uri)
+
+
+def _load_seeds_file(uri: str) -> list[Any]:
+    """Seeds from .jsonl, .json, .csv or .yaml: each row has user_context and question."""
+    text = _read_text(uri, what="seeds")
+    suffix = uri.rsplit(".", 1)[-1].lower()
+    try:
+        if suffix == "jsonl":
+            rows: list[Any] = []
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise RecipeError(f"{uri} line {lineno}: not valid JSON ({exc.msg}).") from None
+            return rows
+        if suffix == "json":
+            loaded = json.loads(text)
+        elif suffix == "csv":
+            loaded = list(csv.DictReader(io.StringIO(text)))
+        elif suffix in ("yaml", "yml"):
+            loaded = yaml.safe_load(text)
+        else:
+            raise RecipeError(f"{uri}: unknown seeds format; use .jsonl, .json, .csv or .yaml.")
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{uri}: cannot parse the seeds file ({exc}).") from None
+    if not isinstance(loaded, list):
+        raise RecipeError(f"{uri}: expected a list of seeds (user_context, question).")
+    return loaded
+
+
+def _describe(uri: str, exc: ValidationError) -> str:
+    lines = [f"{uri}: the recipe has {exc.error_count()} problem(s):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in err["loc"])
+        loc = loc.replace(".[", "[") or "(top level)"
+        if err["type"] == "extra_forbidden":
+            hint = "unknown field; remove it or fix its spelling"
+        elif err["type"] == "missing":
+            hint = "required field is missing; add it"
+        else:
+            hint = err["msg"]
+        lines.append(f"  - {loc}: {hint}")
+    return "\n".join(lines)
+
+
+def _check_seeds(uri: str, seeds: tuple[Seed, ...]) -> None:
+    if not seeds:
+        raise RecipeError(f"{uri}: 'seeds' is empty; add at least one example.")
+    seen: dict[str, int] = {}
+    for i, seed in enumerate(seeds):
+        for field in ("user_context", "question"):
+            if not normalise_text(getattr(seed, field)):
+                raise RecipeError(
+                    f"{uri}: seeds[{i}].{field} is blank; write the text or remove the seed."
+                )
+        sid = record_id(seed.user_context, seed.question)
+        if sid in seen:
+            raise RecipeError(
+                f"{uri}: seeds[{i}] duplicates seeds[{seen[sid]}]; remove one of them."
+            )
+        seen[sid] = i

@@ -1,0 +1,122 @@
+"""The `distillery` command in real subprocesses: bad input, and a run killed half-way then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fake_teacher import FakeTeacher, Knobs
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
+CONCURRENCY = 8
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment: its own Prefect home (ephemeral server), teacher cache and no keys."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
+        DISTILLERY_CONCURRENCY=str(CONCURRENCY),
+    )
+    return env
+
+
+def distillery(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the ephemeral Prefect server is its child: kill the group
+    )
+
+
+@pytest.mark.parametrize(
+    ("recipe_text", "expected"),
+    [
+        ("name: demo\nteacher: {model: m}\nseeds: []\n", "'seeds' is empty"),
+        ("name: demo\nteacher: {model: m, temprature: 1}\nseeds: []\n", "teacher.temprature"),
+        ("name: demo\nseeds: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_recipe_exits_non_zero_before_any_request_and_writes_nothing(
+    tmp_path: Path, recipe_text: str, expected: str
+) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(recipe_text)
+    with FakeTeacher() as teacher:
+        proc = distillery(
+            "run", str(recipe), "--output", str(tmp_path / "out"), "--teacher-base-url", teacher.url,
+            env=cli_env(tmp_path),
+        )  # fmt: skip
+        output, _ = proc.communicate(timeout=120)
+        assert teacher.stats.received == 0
+    assert proc.returncode == 2
+    assert "bad.yaml" in output and expected in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_teacher_endpoint_names_the_settings(tmp_path: Path) -> None:
+    proc = distillery("run", RECIPE, "--output", str(tmp_path / "out"), env=cli_env(tmp_path))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "--teacher-base-url" in output and "OPENAI_API_KEY" in output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_run_killed_half_way_resumes_without_resending_and_publishes_200(tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    out = tmp_path / "out"
+    args = ["run", RECIPE, "--examples", "200", "--output", str(out), "--no-train"]
+    with FakeTeacher(Knobs(latency=0.2, slots=CONCURRENCY)) as teacher:
+        args += ["--teacher-base-url", teacher.url, "--teacher-model", "fake-teacher"]
+        first = distillery(*args, env=env)
+        deadline = time.monotonic() + 300
+        while teacher.stats.answered < 130 and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()[0]
+            time.sleep(0.05)
+        assert teacher.stats.answered >= 130, "the first run never got half-way"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        answered_before_kill = teacher.stats.answered
+        assert not (out / "stock-advisor" / "LATEST").exists()
+
+        second = distillery(*args, env=env)
+        output, _ = second.communicate(timeout=600)
+        assert second.returncode == 0, output
+        stats = teacher.stats
+        resent = sum(n - 1 for n in stats.received_by_body.values() if n > 1)
+        assert resent <= CONCURRENCY, f"{resent} requests re-sent after the kill"
+        assert stats.answered_twice <= CONCURRENCY
+        assert stats.answered > answered_before_kill
+
+        version = (out / "stock-advisor" / "LATEST").read_text().strip()
+        folder = out / "stock-advisor" / version
+        assert str(folder) in output and "rows: 200" in output
+        frame = pd.concat(
+            [pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "validation.parquet")]
+        )
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert len(frame) == 200 == manifest["counts"]["published"]["total"]
+        assert frame["id"].is_unique and not frame.isna().any().any()
+
+        received = stats.received
+        third = distillery(*args, env=env)
+        output, _ = third.communicate(timeout=600)
+        assert third.returncode == 0, output
+        assert teacher.stats.received == received
+        assert "0 sent" in output

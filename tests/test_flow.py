@@ -1,0 +1,219 @@
+"""The whole distill flow offline against the fake teacher: what it publishes, and how it fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from fake_teacher import FakeTeacher
+
+from flows.distill import DistillParams, distill
+from tasks.record import RECORD_COLUMNS
+from tasks.teacher import TeacherError
+from tasks.validate import ValidationFailed
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
+
+
+def run(
+    teacher: FakeTeacher, output: Path | str, examples: int = 40, recipe: str = RECIPE
+) -> dict[str, Any]:
+    params = DistillParams(
+        recipe=recipe,
+        examples=examples,
+        output=str(output),
+        teacher_model="fake-teacher",
+        teacher_base_url=teacher.url,
+        answer_batch_size=25,
+    )
+    return distill(params)
+
+
+def variant(tmp_path: Path, **changes: Any) -> str:
+    """The shipped recipe with some top-level sections changed."""
+    data = yaml.safe_load(Path(RECIPE).read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def read_version(root: Path, name: str = "stock-advisor") -> tuple[Path, dict[str, Any]]:
+    version = (root / name / "LATEST").read_text().strip()
+    folder = root / name / version
+    return folder, json.loads((folder / "manifest.json").read_text())
+
+
+def test_flow_publishes_a_complete_version_and_rerun_sends_no_request(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    out = workdir / "out"
+    summary = run(teacher, out, examples=60)
+    folder, manifest = read_version(out)
+    assert summary["uri"].endswith(folder.name)
+
+    train = pd.read_parquet(folder / "train.parquet")
+    validation = pd.read_parquet(folder / "validation.parquet")
+    both = pd.concat([train, validation])
+    assert len(both) == 60
+    assert list(both.columns) == RECORD_COLUMNS
+    assert both["id"].is_unique
+    assert not both.isna().any().any()
+    assert (both[["user_context", "question", "answer"]].map(len) > 0).all().all()
+    assert set(train["split"]) == {"train"} and set(validation["split"]) == {"validation"}
+    assert (both["source"] == "seed").sum() == 10
+    generated = both[both["source"] == "generated"]
+    assert generated["seed_ids"].map(len).min() >= 1
+    assert (generated["expansion_request_id"] != "").all()
+    assert (
+        both["messages"]
+        .map(lambda m: [t["role"] for t in m])
+        .map(tuple)
+        .eq(("system", "user", "assistant"))
+        .all()
+    )
+
+    published = manifest["counts"]["published"]
+    assert published == {"total": 60, "train": len(train), "validation": len(validation)}
+    assert manifest["teacher"] == {
+        "model": "fake-teacher",
+        "host": "127.0.0.1",
+        "structured_output": "json_schema",
+    }
+    assert manifest["validation"]["success"] is True
+    assert manifest["tokens"]["requests_sent"] == teacher.stats.answered
+    jsonl = (folder / "train.jsonl").read_text().splitlines()
+    assert len(jsonl) == len(train)
+    assert json.loads(jsonl[0])["messages"][-1]["role"] == "assistant"
+    assert (folder / "README.md").read_text().startswith("# stock-advisor")
+    assert (
+        out / "stock-advisor" / "runs" / manifest["run_id"] / "data-docs" / "index.html"
+    ).exists()
+
+    before = teacher.stats.received
+    again = run(teacher, out, examples=60)
+    assert teacher.stats.received == before
+    assert again["requests_sent"] == 0
+
+
+def test_engine_cache_alone_makes_a_rerun_free(workdir: Path, teacher: FakeTeacher) -> None:
+    """Even with Prefect's task cache gone (new result storage), no request is sent twice."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    run(teacher, workdir / "out", examples=30)
+    before = teacher.stats.received
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: workdir / "other-results"}):
+        summary = run(teacher, workdir / "out", examples=30)
+    assert teacher.stats.received == before
+    assert summary["requests_cached"] > 0
+
+
+def test_faults_are_retried_and_no_request_is_answered_twice(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    teacher.knobs.fault_rate = 0.05
+    summary = run(teacher, workdir / "out", examples=80)
+    assert summary["published"]["total"] == 80
+    assert sum(teacher.stats.faults.values()) > 0
+    assert teacher.stats.answered_twice == 0
+
+
+def test_endpoint_without_json_schema_falls_back_to_json_object(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    teacher.knobs.reject_json_schema = True
+    run(teacher, workdir / "out", examples=30)
+    _, manifest = read_version(workdir / "out")
+    assert manifest["teacher"]["structured_output"] == "json_object"
+    assert manifest["counts"]["published"]["total"] == 30
+
+
+def test_text_form_teacher_is_parsed(workdir: Path, teacher: FakeTeacher) -> None:
+    recipe = variant(workdir, teacher={"model": "m", "structured_output": "text"})
+    summary = run(teacher, workdir / "out", examples=30, recipe=recipe)
+    assert summary["published"]["total"] == 30
+
+
+@pytest.mark.parametrize("reply", ["prose", "malformed_json"])
+def test_teacher_without_usable_examples_fails_clearly_and_publishes_nothing(
+    workdir: Path, teacher: FakeTeacher, reply: str
+) -> None:
+    teacher.knobs.reply = reply
+    with pytest.raises(TeacherError, match="returned no parseable examples"):
+        run(teacher, workdir / "out", examples=30)
+    assert not (workdir / "out" / "stock-advisor" / "LATEST").exists()
+
+
+def test_unauthorized_teacher_fails_fast_without_retry_storm_or_key(
+    workdir: Path, teacher: FakeTeacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-test-key-123")
+    teacher.knobs.status = 401
+    with pytest.raises(TeacherError) as info:
+        run(teacher, workdir / "out", examples=30)
+    message = str(info.value)
+    assert "OPENAI_API_KEY" in message and "401" in message
+    assert "sk-secret" not in message
+    # Seeds are answered first, at most one request per seed and no retries (Prefect retries
+    # the task twice: 3 attempts of 10 seeds at most).
+    assert teacher.stats.received <= 30
+
+
+def test_rejected_answers_are_kept_with_reasons_and_topped_up(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    teacher.knobs.truncate_rate = 0.1
+    run(teacher, workdir / "out", examples=60)
+    folder, manifest = read_version(workdir / "out")
+    rejected = pd.read_parquet(folder / "rejected.parquet")
+    truncated = rejected[rejected["reason"] == "truncated"]
+    assert len(truncated) == manifest["counts"]["answers"]["rejected"]["truncated"] > 0
+    assert set(truncated["stage"]) == {"answer"}
+    assert manifest["counts"]["published"]["total"] == 60
+
+
+def test_validation_failure_publishes_nothing_and_keeps_latest(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    out = workdir / "out"
+    run(teacher, out, examples=30)
+    latest_before = (out / "stock-advisor" / "LATEST").read_text()
+    teacher.knobs.refusal_rate = 0.6
+    teacher.knobs.seed = 1  # new answers: the cached ones would all be good
+    recipe = variant(workdir, teacher={"model": "m", "temperature": 0.5})
+    with pytest.raises(ValidationFailed) as info:
+        run(teacher, out, examples=30, recipe=recipe)
+    assert "Data Docs" in str(info.value)
+    assert (out / "stock-advisor" / "LATEST").read_text() == latest_before
+    versions = [p for p in (out / "stock-advisor").iterdir() if p.name[:2] == "20"]
+    assert len(versions) == 1
+    docs = list((out / "stock-advisor" / "runs").glob("*/data-docs/index.html"))
+    assert len(docs) == 2
+
+
+@pytest.mark.s3
+def test_export_to_s3_and_read_back(workdir: Path, teacher: FakeTeacher, s3_endpoint: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("distillery-test")
+    summary = run(teacher, "s3://distillery-test/datasets", examples=30)
+    version = fs.cat_file("distillery-test/datasets/stock-advisor/LATEST").decode()
+    assert summary["uri"] == f"s3://distillery-test/datasets/stock-advisor/{version}"
+    train = pd.read_parquet(f"{summary['uri']}/train.parquet")
+    validation = pd.read_parquet(f"{summary['uri']}/validation.parquet")
+    assert len(train) + len(validation) == 30
+    manifest = json.loads(fs.cat_file(f"{summary['uri']}/manifest.json"))
+    assert manifest["counts"]["published"]["total"] == 30
+    assert fs.exists(
+        f"distillery-test/datasets/stock-advisor/runs/{manifest['run_id']}/data-docs/index.html"
+    )
