@@ -383,28 +383,43 @@ class TeacherEngine:
         todo = [(k, r) for k, r in unique.items() if k not in done]
         run.task_id = self._progress_add(label, total=len(unique), completed=len(done))
         run.progress = self._progress
-        # A window of tasks, not one per request: 100k prompts must not mean 100k coroutines.
-        window = self.settings.concurrency * 4
+        # A bounded window of tasks, not one per request: 100k prompts must not mean 100k
+        # coroutines. Each task frees its place itself (asyncio.wait over the window would
+        # cost O(window) per answer).
+        window = asyncio.Semaphore(self.settings.concurrency * 4)
         pending: set[asyncio.Task[tuple[str, ChatResult]]] = set()
-        queue = iter(todo)
+        failures: list[BaseException] = []
+
+        def finished(task: asyncio.Task[tuple[str, ChatResult]]) -> None:
+            pending.discard(task)
+            window.release()
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is not None:
+                failures.append(error)
+                return
+            key, result = task.result()
+            done[key] = result
+
         try:
-            while True:
-                for key, req in queue:
-                    pending.add(asyncio.create_task(self._fetch(key, req, run)))
-                    if len(pending) >= window:
-                        break
-                if not pending:
+            for key, req in todo:
+                await window.acquire()
+                if failures:
                     break
-                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    key, result = task.result()
-                    done[key] = result
+                task = asyncio.create_task(self._fetch(key, req, run))
+                pending.add(task)
+                task.add_done_callback(finished)
+            while pending and not failures:
+                await asyncio.wait(set(pending), return_when=asyncio.FIRST_EXCEPTION)
         finally:
-            for task in pending:
+            for task in list(pending):
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             self._progress_remove(run.task_id)
+        if failures:
+            raise failures[0]
         run.stats.seconds = time.monotonic() - started
         logger.info(
             "%s: %d requests, %d cached, %d sent, %d retried, %.1f s",
