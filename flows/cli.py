@@ -68,10 +68,9 @@ def _run(args: argparse.Namespace) -> int:
         )
         return EXIT_BAD_INPUT
 
-    from tasks.validate import ValidationFailed
-
     from flows.distill import DistillParams, distill, resolve_endpoint
     from tasks.teacher import TeacherError, TeacherUnavailable, close_engines
+    from tasks.validate import ValidationFailed
 
     params = DistillParams(
         recipe=args.recipe,

@@ -17,7 +17,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
-from tasks.validate import ValidationFailed, validate_dataset
 
 from tasks.answer import AnswerResult, answer_inputs
 from tasks.expand import expand_inputs, seed_inputs
@@ -30,6 +29,7 @@ from tasks.export import (
 )
 from tasks.recipe import Recipe, load_recipe
 from tasks.teacher import CallStats, TeacherEndpoint, TeacherError, get_engine
+from tasks.validate import ValidationFailed, validate_dataset
 
 # Top-up cycles: when answers are rejected, expansion runs again for the missing rows.
 MAX_CYCLES = 4
@@ -84,9 +84,11 @@ def load_recipe_task(uri: str) -> Recipe:
 
 
 def _run_name() -> str:
-    params = flow_run.parameters.get("params", {})
-    recipe = params.get("recipe", "recipe") if isinstance(params, dict) else "recipe"
-    stem = Path(str(recipe)).stem
+    params = flow_run.parameters.get("params")
+    recipe = (
+        params.recipe if isinstance(params, DistillParams) else dict(params or {}).get("recipe")
+    )
+    stem = Path(str(recipe or "recipe")).stem
     return f"{stem}-{datetime.now(UTC):%Y-%m-%d-%H%M}"
 
 

@@ -47,7 +47,7 @@ REJECT_SCHEMA = pa.schema(
 )
 
 # Markers of the few-shot text form; seeing one inside a field means the template leaked.
-TEMPLATE_LEAK_PATTERN = r"(?i)#+\s*(user\s+context|question)\b"
+TEMPLATE_LEAK_PATTERN = r"(?i)#+\s*(?:user\s+context|question)\b"
 
 _WS = re.compile(r"\s+")
 

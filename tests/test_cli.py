@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from fake_teacher import FakeTeacher, Knobs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +109,10 @@ def test_run_killed_half_way_resumes_without_resending_and_publishes_200(tmp_pat
         folder = out / "stock-advisor" / version
         assert str(folder) in output and "rows: 200" in output
         frame = pd.concat(
-            [pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "validation.parquet")]
+            [
+                pd.read_parquet(folder / "train.parquet"),
+                pd.read_parquet(folder / "validation.parquet"),
+            ]
         )
         manifest = json.loads((folder / "manifest.json").read_text())
         assert len(frame) == 200 == manifest["counts"]["published"]["total"]

@@ -9,8 +9,8 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from fake_teacher import FakeTeacher
 
+from fake_teacher import FakeTeacher
 from flows.distill import DistillParams, distill
 from tasks.record import RECORD_COLUMNS
 from tasks.teacher import TeacherError

@@ -1,0 +1,176 @@
+"""Validation: the GX suite over the candidate dataset; a failure stops the run before export."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.recipe import ValidationSettings
+
+logger = logging.getLogger("distillery.validate")
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    expectation: str
+    column: str
+    observed: str
+    success: bool
+    failing_ids: tuple[str, ...] = ()
+
+
+@dataclass
+class ValidationReport:
+    success: bool
+    rows: int
+    accepted_rows: int
+    results: list[ExpectationOutcome] = field(default_factory=list)
+    docs_dir: str | None = None
+
+    @property
+    def failed(self) -> list[ExpectationOutcome]:
+        return [r for r in self.results if not r.success]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "evaluated": len(self.results),
+            "successful": len(self.results) - len(self.failed),
+            "rows": self.rows,
+            "accepted_rows": self.accepted_rows,
+            "failed": [asdict(r) for r in self.failed],
+        }
+
+    def to_markdown(self) -> str:
+        verdict = "passed" if self.success else "FAILED"
+        lines = [
+            f"# Validation {verdict}",
+            "",
+            f"{len(self.results) - len(self.failed)} of {len(self.results)} expectations met over "
+            f"{self.rows} answered rows ({self.accepted_rows} accepted).",
+            "",
+            "| expectation | column | observed | result |",
+            "|---|---|---|---|",
+        ]
+        for r in self.results:
+            ids = f" (e.g. {', '.join(r.failing_ids)})" if r.failing_ids else ""
+            result = "pass" if r.success else f"**fail**{ids}"
+            lines.append(f"| {r.expectation} | {r.column or '(table)'} | {r.observed} | {result} |")
+        if self.docs_dir:
+            lines += ["", f"Great Expectations Data Docs: `{self.docs_dir}/index.html`"]
+        return "\n".join(lines)
+
+
+class ValidationFailed(Exception):
+    """The candidate dataset broke the data contract; nothing was published."""
+
+    def __init__(self, report: ValidationReport) -> None:
+        names = ", ".join(
+            f"{r.expectation}({r.column})" if r.column else r.expectation for r in report.failed
+        )
+        super().__init__(f"validation failed: {names}.")
+        self.report = report
+
+
+def _observed(result: dict[str, Any]) -> str:
+    if "observed_value" in result:
+        return str(result["observed_value"])[:80]
+    if "unexpected_count" in result:
+        share = result.get("unexpected_percent")
+        tail = f" ({share:.1f}%)" if isinstance(share, (int, float)) else ""
+        return (
+            f"{result['unexpected_count']} unexpected of {result.get('element_count', '?')}{tail}"
+        )
+    return ""
+
+
+def _failing_ids(result: dict[str, Any]) -> tuple[str, ...]:
+    rows = result.get("unexpected_index_list") or []
+    ids = [str(r["id"]) for r in rows if isinstance(r, dict) and "id" in r]
+    return tuple(dict.fromkeys(ids))[:5]
+
+
+def run_suite(
+    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int, docs_dir: Path
+) -> ValidationReport:
+    """Validate the candidate frame; write Data Docs and the GX result JSON into docs_dir."""
+    # great_expectations takes ~8 s to import: only runs that reach validation pay for it.
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    from expectations.suite import build_suite
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context.add_data_docs_site(
+        site_name="distillery",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    asset = context.data_sources.add_pandas("candidates").add_dataframe_asset("dataset")
+    batch = asset.add_batch_definition_whole_dataframe("all-rows")
+    suite = context.suites.add(build_suite(settings, min_rows))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="distillery", data=batch, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="distillery",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["distillery"])],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]},
+        )
+    )
+    run = checkpoint.run(batch_parameters={"dataframe": candidates})
+    (result,) = run.run_results.values()
+    (docs_dir / "validation_result.json").write_text(json.dumps(result.to_json_dict(), indent=2))
+    outcomes = []
+    for r in result.results:
+        config = r.expectation_config
+        assert config is not None  # a checkpoint result always carries its expectation
+        outcomes.append(
+            ExpectationOutcome(
+                expectation=config.type,
+                column=str(config.kwargs.get("column", "")),
+                observed=_observed(r.result),
+                success=bool(r.success),
+                failing_ids=() if r.success else _failing_ids(r.result),
+            )
+        )
+    return ValidationReport(
+        success=bool(run.success),
+        rows=len(candidates),
+        accepted_rows=int((candidates["status"] == "accepted").sum()),
+        results=outcomes,
+        docs_dir=str(docs_dir),
+    )
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_dataset(
+    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int, docs_dir: str
+) -> ValidationReport:
+    """Check the candidate dataset against the suite; raise ValidationFailed if it breaks it."""
+    report = run_suite(candidates, settings, min_rows, Path(docs_dir))
+    create_markdown_artifact(
+        key="validation-report",
+        markdown=report.to_markdown(),
+        description="Great Expectations results of the candidate dataset",
+    )
+    if not report.success:
+        raise ValidationFailed(report)
+    return report

@@ -1,0 +1,147 @@
+"""The GX suite: valid data passes, each broken rule fails by name, Data Docs are written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.recipe import ValidationSettings
+from tasks.record import RECORD_COLUMNS, record_id
+from tasks.validate import ValidationFailed, run_suite, validate_dataset
+
+SETTINGS = ValidationSettings(max_rejected_share=0.25)
+
+
+def make_rows(n: int) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        ctx, q = f"I am {20 + i} years old and save ${100 * i} a month.", f"Should I buy fund {i}?"
+        answer = f"Given your age of {20 + i}, a diversified index fund is a sound start. " * 2
+        rows.append(
+            {
+                "id": record_id(ctx, q),
+                "user_context": ctx,
+                "question": q,
+                "answer": answer,
+                "messages": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": answer},
+                ],
+                "source": "seed" if i < 2 else "generated",
+                "seed_ids": [] if i < 2 else ["0123456789abcdef"],
+                "max_similarity": 0.1,
+                "teacher_model": "m",
+                "expansion_request_id": "" if i < 2 else f"req-{i}",
+                "answer_request_id": f"ans-{i}",
+                "finish_reason": "stop",
+                "prompt_tokens": 10,
+                "completion_tokens": 20,
+                "split": "validation" if i % 10 == 0 else "train",
+                "run_id": "run",
+                "created_at": pd.Timestamp("2026-11-28", tz="UTC"),
+                "status": "accepted",
+                "reason": None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def reject(frame: pd.DataFrame, count: int) -> pd.DataFrame:
+    """Mark the last `count` rows as rejected by the answer filters, with empty answers."""
+    frame = frame.copy()
+    idx = frame.index[-count:]
+    frame.loc[idx, "status"] = "rejected"
+    frame.loc[idx, "reason"] = "truncated"
+    frame.loc[idx, "answer"] = ""
+    frame.loc[idx, "finish_reason"] = "length"
+    return frame
+
+
+def failed_names(report_frame: pd.DataFrame, tmp_path: Path, min_rows: int = 10) -> set[str]:
+    report = run_suite(report_frame, SETTINGS, min_rows, tmp_path)
+    return {f"{r.expectation}:{r.column}" for r in report.failed}
+
+
+def test_valid_frame_passes_and_writes_data_docs(tmp_path: Path) -> None:
+    report = run_suite(make_rows(20), SETTINGS, 20, tmp_path)
+    assert report.success, report.to_markdown()
+    assert report.accepted_rows == 20
+    index = (tmp_path / "index.html").read_text()
+    assert "distillery-dataset" in index
+    assert list((tmp_path / "validations").rglob("*.html"))
+    assert (tmp_path / "validation_result.json").exists()
+    markdown = report.to_markdown()
+    assert "Validation passed" in markdown
+    for column in RECORD_COLUMNS:
+        assert f"| {column} |" in markdown
+
+
+def test_duplicated_id_fails_on_id(tmp_path: Path) -> None:
+    frame = make_rows(12)
+    frame.loc[5, "id"] = frame.loc[4, "id"]
+    assert "expect_column_values_to_be_unique:id" in failed_names(frame, tmp_path)
+
+
+def test_template_leak_in_answer_fails(tmp_path: Path) -> None:
+    frame = make_rows(12)
+    frame.loc[3, "answer"] += "\n# QUESTION 2\nWhat next?"
+    assert failed_names(frame, tmp_path) == {"expect_column_values_to_not_match_regex:answer"}
+
+
+def test_too_short_answer_fails_on_length(tmp_path: Path) -> None:
+    frame = make_rows(12)
+    frame.loc[3, "answer"] = "Buy."
+    report = run_suite(frame, SETTINGS, 10, tmp_path)
+    (failure,) = report.failed
+    assert failure.expectation == "expect_column_value_lengths_to_be_between"
+    assert failure.failing_ids == (frame.loc[3, "id"],)
+
+
+def test_null_field_fails_not_null(tmp_path: Path) -> None:
+    frame = make_rows(12)
+    frame.loc[2, "teacher_model"] = None
+    assert "expect_column_values_to_not_be_null:teacher_model" in failed_names(frame, tmp_path)
+
+
+def test_too_few_accepted_rows_fails_row_count(tmp_path: Path) -> None:
+    frame = reject(make_rows(12), 2)  # 10 accepted, rejected share 1/6
+    assert failed_names(frame, tmp_path, min_rows=10) == set()
+    assert failed_names(frame, tmp_path, min_rows=11) == {"expect_table_row_count_to_be_between:"}
+
+
+def test_rejected_share_above_the_cap_fails_and_at_the_cap_passes(tmp_path: Path) -> None:
+    at_cap = reject(make_rows(20), 5)  # 25 %
+    assert failed_names(at_cap, tmp_path, min_rows=15) == set()
+    above = reject(make_rows(20), 6)  # 30 %
+    assert failed_names(above, tmp_path, min_rows=14) == {
+        "expect_column_values_to_be_in_set:status"
+    }
+
+
+def test_rejected_rows_with_empty_fields_do_not_trip_row_checks(tmp_path: Path) -> None:
+    frame = reject(make_rows(12), 2)
+    frame.loc[frame.index[-2:], ["teacher_model", "messages"]] = None
+    assert failed_names(frame, tmp_path, min_rows=10) == set()
+
+
+def test_validate_task_raises_and_publishes_the_report_artifact(
+    tmp_path: Path, prefect_api: str
+) -> None:
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    frame = make_rows(12)
+    frame.loc[3, "answer"] = "Buy."
+
+    @flow
+    def check() -> None:
+        validate_dataset(frame, SETTINGS, 10, str(tmp_path))
+
+    with pytest.raises(
+        ValidationFailed, match=r"expect_column_value_lengths_to_be_between\(answer\)"
+    ):
+        check()
+    artifact = Artifact.get("validation-report")
+    assert artifact is not None and "Validation FAILED" in str(artifact.data)
