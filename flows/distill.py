@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -130,6 +131,8 @@ def distill(params: DistillParams) -> dict[str, Any]:
     shortfalls: list[str] = []
     rejected_inputs: list[pd.DataFrame] = []
 
+    engine = get_engine(endpoint)
+    sent_before = dataclasses.replace(engine.totals)
     t0 = time.monotonic()
     inputs = seed_inputs(recipe)
     answered = _answer_all(recipe, endpoint, inputs, 0, params.answer_batch_size)
@@ -160,6 +163,9 @@ def distill(params: DistillParams) -> dict[str, Any]:
     timings["teacher"] = round(time.monotonic() - t0, 2)
     for a in answered:
         teacher_stats.add(a.stats)
+    this_run = dataclasses.replace(engine.totals)
+    for name in ("sent", "retries", "prompt_tokens", "completion_tokens"):
+        setattr(this_run, name, getattr(this_run, name) - getattr(sent_before, name))
 
     all_rows = pd.concat([a.rows for a in answered], ignore_index=True)
     candidates = assemble_candidates(all_rows, recipe, run_id)
@@ -182,7 +188,6 @@ def distill(params: DistillParams) -> dict[str, Any]:
         [*rejected_inputs, candidates[candidates["status"] == "rejected"].assign(stage="answer")],
         ignore_index=True,
     )
-    engine = get_engine(endpoint)
     dataset = candidates[candidates["status"] == "accepted"]
     manifest: dict[str, Any] = {
         "dataset": recipe.name,
@@ -213,11 +218,10 @@ def distill(params: DistillParams) -> dict[str, Any]:
             "dataset_prompt_tokens": int(dataset["prompt_tokens"].sum()),
             "dataset_completion_tokens": int(dataset["completion_tokens"].sum()),
             "requests": teacher_stats.requests,
-            "requests_cached": teacher_stats.cached,
-            "requests_sent": teacher_stats.sent,
-            "retries": teacher_stats.retries,
-            "sent_prompt_tokens": teacher_stats.prompt_tokens,
-            "sent_completion_tokens": teacher_stats.completion_tokens,
+            "requests_sent": this_run.sent,
+            "retries": this_run.retries,
+            "sent_prompt_tokens": this_run.prompt_tokens,
+            "sent_completion_tokens": this_run.completion_tokens,
         },
         "validation": report.to_dict(),
         "data_docs": f"{docs_uri}/index.html",
@@ -236,8 +240,9 @@ def distill(params: DistillParams) -> dict[str, Any]:
         "published": published.counts,
         "answer_rejects": dict(answer_rejects),
         "expansion_rejects": dict(expansion_rejects),
-        "requests_sent": teacher_stats.sent,
-        "requests_cached": teacher_stats.cached,
+        "requests": teacher_stats.requests,
+        "requests_sent": this_run.sent,
+        "requests_cached": max(0, teacher_stats.requests - (this_run.sent - this_run.retries)),
         "shortfall": shortfalls,
         "timings_s": timings,
     }
@@ -252,8 +257,8 @@ def distill(params: DistillParams) -> dict[str, Any]:
         published.counts["total"],
         published.counts["train"],
         published.counts["validation"],
-        teacher_stats.sent,
-        teacher_stats.cached,
+        summary["requests_sent"],
+        summary["requests_cached"],
     )
     return summary
 

@@ -334,6 +334,9 @@ class TeacherEngine:
             disable=not (settings.progress and console.is_terminal),
         )
         self._progress_rows = 0
+        # Everything this engine did in this process: what a run really sent, whatever Prefect's
+        # task cache replayed.
+        self.totals = CallStats()
 
     def _progress_add(self, label: str, total: int, completed: int) -> Any:
         """Called on the loop thread only, so the row count needs no lock."""
@@ -418,6 +421,7 @@ class TeacherEngine:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             self._progress_remove(run.task_id)
+            self.totals.add(run.stats)
         if failures:
             raise failures[0]
         run.stats.seconds = time.monotonic() - started

@@ -1,4 +1,4 @@
-"""The `distillery` command in real subprocesses: bad input, and a run killed half-way then resumed."""
+"""The `distillery` command in subprocesses: bad input, and a run killed half-way then resumed."""
 
 from __future__ import annotations
 
@@ -58,10 +58,9 @@ def test_bad_recipe_exits_non_zero_before_any_request_and_writes_nothing(
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(recipe_text)
     with FakeTeacher() as teacher:
-        proc = distillery(
-            "run", str(recipe), "--output", str(tmp_path / "out"), "--teacher-base-url", teacher.url,
-            env=cli_env(tmp_path),
-        )  # fmt: skip
+        out = str(tmp_path / "out")
+        args = ["run", str(recipe), "--output", out, "--teacher-base-url", teacher.url]
+        proc = distillery(*args, env=cli_env(tmp_path))
         output, _ = proc.communicate(timeout=120)
         assert teacher.stats.received == 0
     assert proc.returncode == 2

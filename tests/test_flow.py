@@ -74,13 +74,8 @@ def test_flow_publishes_a_complete_version_and_rerun_sends_no_request(
     generated = both[both["source"] == "generated"]
     assert generated["seed_ids"].map(len).min() >= 1
     assert (generated["expansion_request_id"] != "").all()
-    assert (
-        both["messages"]
-        .map(lambda m: [t["role"] for t in m])
-        .map(tuple)
-        .eq(("system", "user", "assistant"))
-        .all()
-    )
+    roles = {tuple(turn["role"] for turn in m) for m in both["messages"]}
+    assert roles == {("system", "user", "assistant")}
 
     published = manifest["counts"]["published"]
     assert published == {"total": 60, "train": len(train), "validation": len(validation)}
