@@ -91,7 +91,7 @@ def test_run_killed_half_way_resumes_without_resending_and_publishes_200(tmp_pat
             time.sleep(0.05)
         assert teacher.stats.answered >= 130, "the first run never got half-way"
         os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
+        first.communicate(timeout=30)
         answered_before_kill = teacher.stats.answered
         assert not (out / "stock-advisor" / "LATEST").exists()
 
