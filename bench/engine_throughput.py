@@ -1,6 +1,6 @@
 """Benchmark: the teacher engine vs a bare AsyncOpenAI + semaphore client, same server, same run.
 
-    .venv/bin/python bench/engine_throughput.py [--n 2000] [--slots 64] [--latency 0.2] [--repeats 3]
+    .venv/bin/python bench/engine_throughput.py [--n 2000] [--slots 64] [--latency 0.2]
 
 The fake teacher runs in its own process (as a real endpoint would), with `slots` concurrent
 requests of `latency` seconds each. Both clients send N distinct chat requests with `slots`
@@ -36,7 +36,10 @@ def requests_for(n: int, tag: str) -> list[ChatRequest]:
         ChatRequest(
             messages=(
                 ("system", "You are an expert for stock markets."),
-                ("user", f"# USER CONTEXT\nInvestor {tag}-{i}, age {20 + i % 50}.\n\n# QUESTION\nBuy?"),
+                (
+                    "user",
+                    f"# USER CONTEXT\nInvestor {tag}-{i}, age {20 + i % 50}.\n\n# QUESTION\nBuy?",
+                ),
             ),
             temperature=0.7,
             top_p=1.0,
@@ -144,8 +147,9 @@ def main() -> None:
         f"## Engine throughput: N={args.n}, {args.slots} slots x {args.latency} s "
         f"(theoretical {theory:.0f} req/s)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"openai {metadata.version('openai')}, aiohttp {metadata.version('aiohttp')}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, openai {metadata.version('openai')}, "
+        f"aiohttp {metadata.version('aiohttp')}.",
         "",
         "| repeat | bare AsyncOpenAI + aiohttp (req/s) | engine (req/s) | engine / bare | "
         "bare, default transport (req/s) |",
@@ -153,10 +157,17 @@ def main() -> None:
     ]
     ratios = []
     for i, t in enumerate(rows, start=1):
-        bare, eng, default = (args.n / t["bare"], args.n / t["engine"], args.n / t["bare_default_transport"])
+        bare, eng, default = (
+            args.n / t["bare"],
+            args.n / t["engine"],
+            args.n / t["bare_default_transport"],
+        )
         ratios.append(eng / bare)
         lines.append(f"| {i} | {bare:.1f} | {eng:.1f} | {eng / bare:.2f} | {default:.1f} |")
-    lines += ["", f"Median engine / bare ratio: **{statistics.median(ratios):.2f}** (target >= 0.90)."]
+    lines += [
+        "",
+        f"Median engine / bare ratio: **{statistics.median(ratios):.2f}** (target >= 0.90).",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

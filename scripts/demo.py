@@ -17,7 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     teacher = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "fake_teacher.py"), "--port", "0", "--latency", "0.05"],
+        [
+            sys.executable,
+            str(REPO / "tests" / "fake_teacher.py"),
+            "--port",
+            "0",
+            "--latency",
+            "0.05",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

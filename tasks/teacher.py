@@ -301,6 +301,7 @@ class _Run:
     stats: CallStats = field(default_factory=CallStats)
     progress: Progress | None = None
     task_id: Any = None
+    failed: bool = False
 
     def advance(self) -> None:
         if self.progress is not None:
@@ -479,8 +480,12 @@ class TeacherEngine:
             delay: float | None = None
             error: Exception
             used = self._form
-            await self._limiter.wait(req.estimated_tokens())
             async with self._semaphore:
+                # Pace inside the slot: a request waiting for its turn must not have been
+                # scheduled before the limits were learned.
+                await self._limiter.wait(req.estimated_tokens())
+                if run.failed:
+                    raise asyncio.CancelledError  # another request hit a fatal error: send no more
                 run.stats.sent += 1
                 try:
                     raw = await self._client.chat.completions.with_raw_response.create(
@@ -493,6 +498,7 @@ class TeacherEngine:
                         continue
                     status = exc.status_code
                     if status not in (408, 409, 429) and status < 500:
+                        run.failed = True
                         raise TeacherError(_describe_refusal(exc, self.endpoint)) from None
                     error = exc
                     delay = retry_after(exc.response.headers)

@@ -38,7 +38,8 @@ class Knobs:
     rpm: int | None = None  # requests per minute, sliding 60 s window; over it -> 429
     tpm: int | None = None  # tokens per minute (prompt chars // 4 + max_tokens); over it -> 429
     fault_rate: float = 0.0  # probability of a fault instead of an answer
-    faults: tuple[str, ...] = ("500", "503", "drop")  # drop = close the connection, no response
+    # drop = close the connection, no response; "429" = a rate-limit answer with Retry-After 0.2 s
+    faults: tuple[str, ...] = ("500", "503", "drop")
     reply: str = "normal"  # "normal" | "prose" | "malformed_json"
     status: int | None = None  # every request answers this status with an OpenAI error body
     reject_json_schema: bool = False  # response_format json_schema -> 400 (llama.cpp-like)
@@ -934,6 +935,10 @@ class _Core:
                     if request.transport is not None:
                         request.transport.close()
                     return web.Response(status=500)  # never reaches the client
+                if fault == "429":  # a provider's transient limit: short Retry-After
+                    retry = {**headers, "retry-after": "0.2", "retry-after-ms": "200"}
+                    message = "Rate limit reached for requests. Please try again in 200ms."
+                    return _error(429, message, "requests", "rate_limit_exceeded", retry)
                 return _status_error(int(fault) if fault.isdigit() else 500, headers)
 
         await self._acquire()

@@ -1,0 +1,167 @@
+"""The teacher engine against the fake teacher: limits, retries, fast failures, cache, expansion."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fake_teacher import FakeTeacher, Knobs
+from tasks.expand import run_expansion, seed_inputs
+from tasks.recipe import load_recipe
+from tasks.teacher import (
+    ChatRequest,
+    EngineSettings,
+    TeacherEndpoint,
+    TeacherEngine,
+    TeacherError,
+    TeacherUnavailable,
+    close_engines,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def requests(n: int, tag: str = "q") -> list[ChatRequest]:
+    return [
+        ChatRequest(
+            messages=(("user", f"# USER CONTEXT\nInvestor {tag}{i}.\n\n# QUESTION\nBuy {i}?"),),
+            temperature=0.7,
+            top_p=1.0,
+            max_tokens=64,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path) -> Iterator[object]:
+    engines: list[TeacherEngine] = []
+
+    def make(server: FakeTeacher, **settings: object) -> TeacherEngine:
+        config = EngineSettings(cache_dir=tmp_path / "cache", progress=False, **settings)  # type: ignore[arg-type]
+        engine = TeacherEngine(
+            TeacherEndpoint(model="fake-teacher", base_url=server.url), config, api_key="test"
+        )
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def test_concurrency_is_bounded_and_every_answer_lands_in_the_cache(make_engine) -> None:  # type: ignore[no-untyped-def]
+    with FakeTeacher(Knobs(latency=0.02, slots=64)) as server:
+        engine = make_engine(server, concurrency=4)
+        results, stats = engine.complete(requests(40), "t")
+        assert server.stats.max_in_flight <= 4
+        assert stats.sent == 40 and stats.cached == 0 and len(results) == 40
+        again, stats = engine.complete(requests(40), "t")
+        assert stats.sent == 0 and stats.cached == 40
+        assert [r.content for r in again] == [r.content for r in results]
+        assert server.stats.received == 40
+
+
+def test_identical_requests_in_one_call_are_sent_once(make_engine) -> None:  # type: ignore[no-untyped-def]
+    with FakeTeacher() as server:
+        engine = make_engine(server)
+        results, _ = engine.complete(requests(5) * 3, "t")
+        assert len(results) == 15 and server.stats.received == 5
+
+
+def test_429_with_retry_after_and_server_faults_are_retried(make_engine) -> None:  # type: ignore[no-untyped-def]
+    knobs = Knobs(fault_rate=0.3, faults=("429", "500", "503", "drop"))
+    with FakeTeacher(knobs) as server:
+        engine = make_engine(server, concurrency=8)
+        results, stats = engine.complete(requests(60), "t")
+        assert all(r.content for r in results)
+        assert server.stats.faults["429"] > 0 and server.stats.faults["drop"] > 0
+        assert stats.retries == sum(server.stats.faults.values())
+        assert server.stats.answered == 60 and server.stats.answered_twice == 0
+
+
+def test_requests_are_paced_under_a_learned_rpm_limit_without_429(make_engine) -> None:  # type: ignore[no-untyped-def]
+    with FakeTeacher(Knobs(rpm=240)) as server:
+        engine = make_engine(server, concurrency=4)
+        started = time.monotonic()
+        engine.complete(requests(16), "t")
+        elapsed = time.monotonic() - started
+        assert server.stats.rate_limited == 0
+        # After the first answers teach it 240 RPM (one every 0.25 s), the remaining 12 are paced.
+        assert elapsed > 12 * 0.25 * 0.9
+
+
+def test_configured_rpm_is_respected_before_any_header(make_engine) -> None:  # type: ignore[no-untyped-def]
+    with FakeTeacher() as server:
+        engine = make_engine(server, concurrency=8, rpm=600)
+        started = time.monotonic()
+        engine.complete(requests(11), "t")
+        assert time.monotonic() - started > 10 * 0.1 * 0.9
+
+
+@pytest.mark.parametrize(
+    ("status", "hint"), [(401, "OPENAI_API_KEY"), (404, "--teacher-model"), (403, "key")]
+)
+def test_client_errors_fail_fast_with_the_fix_and_no_retry(
+    make_engine, status: int, hint: str
+) -> None:  # type: ignore[no-untyped-def]
+    with FakeTeacher(Knobs(status=status)) as server:
+        engine = make_engine(server, concurrency=2)
+        with pytest.raises(TeacherError, match=str(status)) as info:
+            engine.complete(requests(10), "t")
+        assert hint in str(info.value)
+        assert "test" not in str(info.value).split("model")[0]  # the key is never echoed
+        assert server.stats.received <= 2
+
+
+def test_persistent_server_errors_give_up_with_a_clear_message(make_engine) -> None:  # type: ignore[no-untyped-def]
+    with FakeTeacher(Knobs(fault_rate=1.0, faults=("503",))) as server:
+        engine = make_engine(server, concurrency=1, max_attempts=3)
+        with pytest.raises(TeacherUnavailable, match="still failed after 3 attempts"):
+            engine.complete(requests(1), "t")
+        assert server.stats.received == 3
+
+
+def test_expansion_stops_at_the_round_cap_and_says_how_far_it_got(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISTILLERY_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = load_recipe(str(REPO / "recipes" / "stock-advisor.yaml"))
+    # A threshold this low calls nearly everything a near-duplicate of the seeds.
+    expansion = recipe.expansion.model_copy(
+        update={"near_duplicate_threshold": 0.05, "max_rounds": 2}
+    )
+    recipe = recipe.model_copy(update={"expansion": expansion})
+    with FakeTeacher() as server:
+        endpoint = TeacherEndpoint(model="fake-teacher", base_url=server.url)
+        try:
+            result = run_expansion(recipe, endpoint, seed_inputs(recipe), 50, 1)
+        finally:
+            close_engines()
+    assert result.rounds == 2
+    assert len(result.accepted) < 50
+    assert result.rejects["near_duplicate"] > 0
+    assert result.shortfall is not None
+    assert f"with {len(result.accepted)} of 50 new inputs accepted" in result.shortfall
+    assert "max_rounds" in result.shortfall
+
+
+def test_expansion_rows_carry_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLERY_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = load_recipe(str(REPO / "recipes" / "stock-advisor.yaml"))
+    seeds = seed_inputs(recipe)
+    with FakeTeacher() as server:
+        endpoint = TeacherEndpoint(model="fake-teacher", base_url=server.url)
+        try:
+            result = run_expansion(recipe, endpoint, seeds, 30, 1)
+        finally:
+            close_engines()
+    accepted = result.accepted
+    assert len(accepted) == 30 and accepted["id"].is_unique
+    assert not set(accepted["id"]) & set(seeds["id"])
+    assert all(set(ids) <= set(seeds["id"]) and len(ids) == 3 for ids in accepted["seed_ids"])
+    assert accepted["expansion_request_id"].str.len().min() > 0
+    assert accepted["max_similarity"].between(0, 0.7, inclusive="left").all()
