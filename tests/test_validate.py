@@ -130,7 +130,9 @@ def test_validate_task_raises_and_publishes_the_report_artifact(
     tmp_path: Path, prefect_api: str
 ) -> None:
     from prefect import flow
-    from prefect.artifacts import Artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     frame = make_rows(12)
     frame.loc[3, "answer"] = "Buy."
@@ -143,5 +145,9 @@ def test_validate_task_raises_and_publishes_the_report_artifact(
         ValidationFailed, match=r"expect_column_value_lengths_to_be_between\(answer\)"
     ):
         check()
-    artifact = Artifact.get("validation-report")
-    assert artifact is not None and "Validation FAILED" in str(artifact.data)
+    only_reports = ArtifactFilter(key=ArtifactFilterKey(any_=["validation-report"]))
+    with get_client(sync_client=True) as client:
+        (artifact, *_) = client.read_artifacts(
+            artifact_filter=only_reports, sort=ArtifactSort.CREATED_DESC, limit=1
+        )
+    assert "Validation FAILED" in str(artifact.data)
