@@ -100,9 +100,11 @@ def _run(args: argparse.Namespace) -> int:
         f"rows: {counts['total']} (train {counts['train']}, validation {counts['validation']}); "
         f"teacher requests: {summary['requests_sent']} sent, {summary['requests_cached']} cached"
     )
-    rejects = {**summary["expansion_rejects"], **summary["answer_rejects"]}
-    if rejects:
-        print("rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(rejects.items())))
+    for stage in ("expansion", "answer"):
+        rejects = summary[f"{stage}_rejects"]
+        if rejects:
+            listed = ", ".join(f"{k} {v}" for k, v in sorted(rejects.items()))
+            print(f"rejected at {stage}: {listed} (see rejected.parquet)")
     for line in summary["shortfall"]:
         print(f"note: {line}")
     if not args.no_train:

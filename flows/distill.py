@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.answer import AnswerResult, answer_inputs
 from tasks.expand import expand_inputs, seed_inputs
-from tasks.export import (
-    PublishedVersion,
-    assemble_candidates,
-    code_version,
-    publish_dataset,
-    upload_folder,
-)
+from tasks.export import assemble_candidates, code_version, publish_dataset
 from tasks.recipe import Recipe, load_recipe
 from tasks.teacher import CallStats, TeacherEndpoint, TeacherError, get_engine
-from tasks.validate import ValidationFailed, validate_dataset
+from tasks.validate import ValidationReport, validate_dataset
 
 # Top-up cycles: when answers are rejected, expansion runs again for the missing rows.
 MAX_CYCLES = 4
@@ -105,6 +99,116 @@ def _answer_all(
     return [f.result() for f in futures]
 
 
+@dataclass
+class Generation:
+    """What the teacher stages produced for one run."""
+
+    answered: pd.DataFrame  # every answered input; `status` says if its answer was kept
+    rejected_inputs: list[pd.DataFrame] = field(default_factory=list)
+    expansion: Counter[str] = field(default_factory=Counter)
+    expansion_rejects: Counter[str] = field(default_factory=Counter)
+    requests: int = 0  # teacher requests behind these rows, sent now or earlier
+    this_run: CallStats = field(default_factory=CallStats)  # what this run really sent
+    shortfall: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def requests_cached(self) -> int:
+        return max(0, self.requests - (self.this_run.sent - self.this_run.retries))
+
+
+def generate(recipe: Recipe, endpoint: TeacherEndpoint, target: int, batch_size: int) -> Generation:
+    """Answer the seeds, then expand and answer until `target` answers are kept."""
+    engine = get_engine(endpoint)
+    before = dataclasses.replace(engine.totals)
+    started = time.monotonic()
+    stats = CallStats()
+    out = Generation(answered=pd.DataFrame())
+    inputs = seed_inputs(recipe)
+    answered = _answer_all(recipe, endpoint, inputs, 0, batch_size)
+    for cycle in range(1, MAX_CYCLES + 1):
+        kept = sum(int((a.rows["status"] == "accepted").sum()) for a in answered)
+        if kept >= target:
+            break
+        expansion = expand_inputs(recipe, endpoint, inputs, target - kept, cycle)
+        stats.add(expansion.stats)
+        out.expansion.update(
+            requests=expansion.requests,
+            rounds=expansion.rounds,
+            parsed=expansion.parsed,
+            accepted=len(expansion.accepted),
+            surplus=expansion.surplus,
+        )
+        out.expansion_rejects.update(expansion.rejects)
+        if len(expansion.rejected):
+            out.rejected_inputs.append(expansion.rejected)
+        if expansion.shortfall:
+            out.shortfall.append(expansion.shortfall)
+        if expansion.accepted.empty:
+            break
+        inputs = pd.concat([inputs, expansion.accepted], ignore_index=True)
+        answered += _answer_all(recipe, endpoint, expansion.accepted, cycle, batch_size)
+    for a in answered:
+        stats.add(a.stats)
+    out.answered = pd.concat([a.rows for a in answered], ignore_index=True)
+    out.requests = stats.requests
+    out.this_run = dataclasses.replace(engine.totals)
+    for name in ("sent", "retries", "prompt_tokens", "completion_tokens"):
+        setattr(out.this_run, name, getattr(out.this_run, name) - getattr(before, name))
+    out.seconds = round(time.monotonic() - started, 2)
+    return out
+
+
+def build_manifest(
+    recipe: Recipe,
+    params: DistillParams,
+    endpoint: TeacherEndpoint,
+    generation: Generation,
+    candidates: pd.DataFrame,
+    report: ValidationReport,
+    run_id: str,
+    target: int,
+) -> dict[str, Any]:
+    """Everything a reader of a version needs to know about how it was made."""
+    kept = candidates[candidates["status"] == "accepted"]
+    answer_rejects = Counter(candidates.loc[candidates["status"] == "rejected", "reason"])
+    return {
+        "dataset": recipe.name,
+        "run_id": run_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "code_version": code_version(),
+        "recipe": {"uri": params.recipe, "hash": recipe.content_hash(), "examples_target": target},
+        "teacher": {
+            "model": endpoint.model,
+            "host": endpoint.host,
+            "structured_output": get_engine(endpoint).structured_form,
+        },
+        "counts": {
+            "seeds": len(recipe.seeds),
+            "expansion": {**generation.expansion, "rejected": dict(generation.expansion_rejects)},
+            "answers": {
+                "answered": len(candidates),
+                "accepted": len(kept),
+                "rejected": dict(answer_rejects),
+            },
+        },
+        "tokens": {
+            "dataset_prompt_tokens": int(kept["prompt_tokens"].sum()),
+            "dataset_completion_tokens": int(kept["completion_tokens"].sum()),
+            "requests": generation.requests,
+            "requests_sent": generation.this_run.sent,
+            "requests_cached": generation.requests_cached,
+            "retries": generation.this_run.retries,
+            "sent_prompt_tokens": generation.this_run.prompt_tokens,
+            "sent_completion_tokens": generation.this_run.completion_tokens,
+        },
+        "validation": report.to_dict(),
+        "data_docs": report.docs_uri,
+        "shortfall": generation.shortfall,
+        "timings_s": {"teacher": generation.seconds, "validate": report.seconds},
+    }
+
+
 @flow(
     name="distill",
     flow_run_name=_run_name,
@@ -113,9 +217,7 @@ def _answer_all(
 )
 def distill(params: DistillParams) -> dict[str, Any]:
     """Build and publish one dataset version from a recipe."""
-    log = get_run_logger()
     started = time.monotonic()
-    timings: dict[str, float] = {}
     recipe = load_recipe_task(params.recipe)
     endpoint = resolve_endpoint(recipe, params)
     target = params.examples or recipe.examples
@@ -125,133 +227,41 @@ def distill(params: DistillParams) -> dict[str, Any]:
             f"{len(recipe.seeds)} examples."
         )
     run_id = str(flow_run.get_id() or "local")
-    teacher_stats = CallStats()
-    expansion_counts: Counter[str] = Counter()
-    expansion_rejects: Counter[str] = Counter()
-    shortfalls: list[str] = []
-    rejected_inputs: list[pd.DataFrame] = []
-
-    engine = get_engine(endpoint)
-    sent_before = dataclasses.replace(engine.totals)
-    t0 = time.monotonic()
-    inputs = seed_inputs(recipe)
-    answered = _answer_all(recipe, endpoint, inputs, 0, params.answer_batch_size)
-    for cycle in range(1, MAX_CYCLES + 1):
-        accepted = sum(int((a.rows["status"] == "accepted").sum()) for a in answered)
-        if accepted >= target:
-            break
-        expansion = expand_inputs(recipe, endpoint, inputs, target - accepted, cycle)
-        teacher_stats.add(expansion.stats)
-        expansion_counts.update(
-            requests=expansion.requests,
-            rounds=expansion.rounds,
-            parsed=expansion.parsed,
-            accepted=len(expansion.accepted),
-            surplus=expansion.surplus,
-        )
-        expansion_rejects.update(expansion.rejects)
-        if len(expansion.rejected):
-            rejected_inputs.append(expansion.rejected)
-        if expansion.shortfall:
-            shortfalls.append(expansion.shortfall)
-        if expansion.accepted.empty:
-            break
-        inputs = pd.concat([inputs, expansion.accepted], ignore_index=True)
-        answered += _answer_all(
-            recipe, endpoint, expansion.accepted, cycle, params.answer_batch_size
-        )
-    timings["teacher"] = round(time.monotonic() - t0, 2)
-    for a in answered:
-        teacher_stats.add(a.stats)
-    this_run = dataclasses.replace(engine.totals)
-    for name in ("sent", "retries", "prompt_tokens", "completion_tokens"):
-        setattr(this_run, name, getattr(this_run, name) - getattr(sent_before, name))
-
-    all_rows = pd.concat([a.rows for a in answered], ignore_index=True)
-    candidates = assemble_candidates(all_rows, recipe, run_id)
-    answer_rejects = Counter(candidates.loc[candidates["status"] == "rejected", "reason"])
-    min_rows = recipe.validation.min_rows or target
-
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="distillery-gx-") as tmp:
-        docs_uri = f"{params.output.rstrip('/')}/{recipe.name}/runs/{run_id}/data-docs"
-        try:
-            report = validate_dataset(candidates, recipe.validation, min_rows, tmp)
-        except ValidationFailed as exc:
-            upload_folder(Path(tmp), params.output, recipe.name, "runs", run_id, "data-docs")
-            exc.args = (f"{exc.args[0]} Data Docs: {docs_uri}/index.html",)
-            raise
-        upload_folder(Path(tmp), params.output, recipe.name, "runs", run_id, "data-docs")
-    timings["validate"] = round(time.monotonic() - t0, 2)
-
+    generation = generate(recipe, endpoint, target, params.answer_batch_size)
+    candidates = assemble_candidates(generation.answered, recipe, run_id)
+    report = validate_dataset(
+        candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
+        recipe.name, run_id,
+    )  # fmt: skip
+    manifest = build_manifest(
+        recipe, params, endpoint, generation, candidates, report, run_id, target
+    )
     rejected = pd.concat(
-        [*rejected_inputs, candidates[candidates["status"] == "rejected"].assign(stage="answer")],
+        [
+            *generation.rejected_inputs,
+            candidates[candidates["status"] == "rejected"].assign(stage="answer"),
+        ],
         ignore_index=True,
     )
-    dataset = candidates[candidates["status"] == "accepted"]
-    manifest: dict[str, Any] = {
-        "dataset": recipe.name,
-        "run_id": run_id,
-        "created_at": datetime.now(UTC).isoformat(),
-        "code_version": code_version(),
-        "recipe": {
-            "uri": params.recipe,
-            "hash": recipe.content_hash(),
-            "examples_target": target,
-        },
-        "teacher": {
-            "model": endpoint.model,
-            "host": endpoint.host,
-            "structured_output": engine.structured_form,
-        },
-        "counts": {
-            "seeds": len(recipe.seeds),
-            "expansion": {**expansion_counts, "rejected": dict(expansion_rejects)},
-            "answers": {
-                "answered": len(candidates),
-                "accepted": len(dataset),
-                "rejected": dict(answer_rejects),
-            },
-            "rejected_rows": len(rejected),
-        },
-        "tokens": {
-            "dataset_prompt_tokens": int(dataset["prompt_tokens"].sum()),
-            "dataset_completion_tokens": int(dataset["completion_tokens"].sum()),
-            "requests": teacher_stats.requests,
-            "requests_sent": this_run.sent,
-            "retries": this_run.retries,
-            "sent_prompt_tokens": this_run.prompt_tokens,
-            "sent_completion_tokens": this_run.completion_tokens,
-        },
-        "validation": report.to_dict(),
-        "data_docs": f"{docs_uri}/index.html",
-        "shortfall": shortfalls,
-        "timings_s": timings,
-    }
-    t0 = time.monotonic()
-    published: PublishedVersion = publish_dataset(
-        params.output, recipe, candidates, rejected, manifest
-    )
-    timings["publish"] = round(time.monotonic() - t0, 2)
-    timings["total"] = round(time.monotonic() - started, 2)
+    published = publish_dataset(params.output, recipe, candidates, rejected, manifest)
     summary = {
         "uri": published.uri,
         "version": published.version,
         "published": published.counts,
-        "answer_rejects": dict(answer_rejects),
-        "expansion_rejects": dict(expansion_rejects),
-        "requests": teacher_stats.requests,
-        "requests_sent": this_run.sent,
-        "requests_cached": max(0, teacher_stats.requests - (this_run.sent - this_run.retries)),
-        "shortfall": shortfalls,
-        "timings_s": timings,
+        "answer_rejects": manifest["counts"]["answers"]["rejected"],
+        "expansion_rejects": dict(generation.expansion_rejects),
+        "requests": generation.requests,
+        "requests_sent": generation.this_run.sent,
+        "requests_cached": generation.requests_cached,
+        "shortfall": generation.shortfall,
+        "seconds": round(time.monotonic() - started, 2),
     }
     create_markdown_artifact(
         key="dataset-summary",
         markdown=_summary_markdown(recipe, summary),
         description=f"{recipe.name} {published.version}",
     )
-    log.info(
+    get_run_logger().info(
         "published %s: %d rows (train %d, validation %d); %d teacher requests sent, %d cached",
         published.uri,
         published.counts["total"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.export import upload_folder
 from tasks.recipe import ValidationSettings
 
 logger = logging.getLogger("distillery.validate")
@@ -33,7 +36,8 @@ class ValidationReport:
     rows: int
     accepted_rows: int
     results: list[ExpectationOutcome] = field(default_factory=list)
-    docs_dir: str | None = None
+    docs_uri: str | None = None  # Data Docs index, once uploaded beside the run's output
+    seconds: float = 0.0
 
     @property
     def failed(self) -> list[ExpectationOutcome]:
@@ -64,8 +68,8 @@ class ValidationReport:
             ids = f" (e.g. {', '.join(r.failing_ids)})" if r.failing_ids else ""
             result = "pass" if r.success else f"**fail**{ids}"
             lines.append(f"| {r.expectation} | {r.column or '(table)'} | {r.observed} | {result} |")
-        if self.docs_dir:
-            lines += ["", f"Great Expectations Data Docs: `{self.docs_dir}/index.html`"]
+        if self.docs_uri:
+            lines += ["", f"Great Expectations Data Docs: `{self.docs_uri}`"]
         return "\n".join(lines)
 
 
@@ -76,7 +80,9 @@ class ValidationFailed(Exception):
         names = ", ".join(
             f"{r.expectation}({r.column})" if r.column else r.expectation for r in report.failed
         )
-        super().__init__(f"validation failed: {names}.")
+        super().__init__(
+            f"validation failed: {names}. Nothing was published; Data Docs: {report.docs_uri}"
+        )
         self.report = report
 
 
@@ -156,16 +162,26 @@ def run_suite(
         rows=len(candidates),
         accepted_rows=int((candidates["status"] == "accepted").sum()),
         results=outcomes,
-        docs_dir=str(docs_dir),
     )
 
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_dataset(
-    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int, docs_dir: str
+    candidates: pd.DataFrame,
+    settings: ValidationSettings,
+    min_rows: int,
+    output: str,
+    dataset: str,
+    run_id: str,
 ) -> ValidationReport:
     """Check the candidate dataset against the suite; raise ValidationFailed if it breaks it."""
-    report = run_suite(candidates, settings, min_rows, Path(docs_dir))
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="distillery-gx-") as tmp:
+        report = run_suite(candidates, settings, min_rows, Path(tmp))
+        # Beside the run's output, pass or fail: a failed run's report is the one people read.
+        docs = upload_folder(Path(tmp), output, dataset, "runs", run_id, "data-docs")
+    report.docs_uri = f"{docs}/index.html"
+    report.seconds = round(time.monotonic() - started, 2)
     create_markdown_artifact(
         key="validation-report",
         markdown=report.to_markdown(),

@@ -139,12 +139,13 @@ def test_validate_task_raises_and_publishes_the_report_artifact(
 
     @flow
     def check() -> None:
-        validate_dataset(frame, SETTINGS, 10, str(tmp_path))
+        validate_dataset(frame, SETTINGS, 10, str(tmp_path / "out"), "demo", "run-1")
 
     with pytest.raises(
         ValidationFailed, match=r"expect_column_value_lengths_to_be_between\(answer\)"
     ):
         check()
+    assert (tmp_path / "out" / "demo" / "runs" / "run-1" / "data-docs" / "index.html").exists()
     only_reports = ArtifactFilter(key=ArtifactFilterKey(any_=["validation-report"]))
     with get_client(sync_client=True) as client:
         (artifact, *_) = client.read_artifacts(
