@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for key, value in _PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Per-call teacher summaries (requests, cached, sent, retries) reach the terminal and the UI.
+    logging.getLogger("distillery").setLevel(logging.INFO)
     return _run(args)
 
 

@@ -100,7 +100,7 @@ def run_answers(
         build_answer_request(recipe, c, q)
         for c, q in zip(inputs["user_context"], inputs["question"], strict=True)
     ]
-    replies, stats = engine.complete(requests, label)
+    replies, stats = engine.complete(requests, f"answer {label}")
     out: list[dict[str, Any]] = []
     rejects: Counter[str] = Counter()
     for req, reply in zip(requests, replies, strict=True):
