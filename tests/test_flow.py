@@ -212,3 +212,30 @@ def test_export_to_s3_and_read_back(workdir: Path, teacher: FakeTeacher, s3_endp
     assert fs.exists(
         f"distillery-test/datasets/stock-advisor/runs/{manifest['run_id']}/data-docs/index.html"
     )
+
+
+@pytest.mark.s3
+def test_recipe_and_seeds_file_load_from_s3(s3_endpoint: str) -> None:
+    import s3fs
+
+    from tasks.recipe import RecipeError, load_recipe
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("distillery-recipes")
+    seeds = [
+        {"user_context": "I am 33 and hold only cash.", "question": "Where do I start investing?"},
+        {"user_context": "I am 61 with a pension.", "question": "Should I buy an annuity?"},
+    ]
+    fs.pipe_file(
+        "distillery-recipes/r/seeds.jsonl", "\n".join(json.dumps(s) for s in seeds).encode()
+    )
+    recipe_text = yaml.safe_dump(
+        {"name": "remote", "teacher": {"model": "m"}, "seeds_file": "seeds.jsonl"}
+    )
+    fs.pipe_file("distillery-recipes/r/recipe.yaml", recipe_text.encode())
+    recipe = load_recipe("s3://distillery-recipes/r/recipe.yaml")
+    assert [s.question for s in recipe.seeds] == [s["question"] for s in seeds]
+    with pytest.raises(
+        RecipeError, match=r"s3://distillery-recipes/r/missing\.yaml: recipe file not found"
+    ):
+        load_recipe("s3://distillery-recipes/r/missing.yaml")
