@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,6 +143,10 @@ def run_suite(
         )
     )
     run = checkpoint.run(batch_parameters={"dataframe": candidates})
+    # The site ships 4 MB of fonts and images per run; the pages read fine without them, and
+    # every run's docs are uploaded beside its output (S3 included).
+    for heavy in ("fonts", "images"):
+        shutil.rmtree(docs_dir / "static" / heavy, ignore_errors=True)
     (result,) = run.run_results.values()
     (docs_dir / "validation_result.json").write_text(json.dumps(result.to_json_dict(), indent=2))
     outcomes = []
