@@ -458,10 +458,15 @@ class TeacherEngine:
     def _learn_form(
         self, exc: openai.APIStatusError, req: ChatRequest, used: StructuredForm
     ) -> bool:
-        """In auto mode, step down json_schema -> json_object -> text on a 400/422 about it."""
+        """In auto mode, step down json_schema -> json_object -> text when the endpoint refuses."""
         if self.endpoint.structured_output != "auto" or req.json_schema is None:
             return False
-        if exc.status_code not in (400, 422) or used == "text":
+        # llama-cpp-python's server (0.3.36) answers its own request-validation errors with a
+        # 500 that names response_format; anything else that is a 5xx is a real server fault.
+        refused = exc.status_code in (400, 422) or (
+            exc.status_code == 500 and "response_format" in str(exc.message)
+        )
+        if not refused or used == "text":
             return False
         if self._form == used:
             self._form = "json_object" if used == "json_schema" else "text"

@@ -42,7 +42,8 @@ class Knobs:
     faults: tuple[str, ...] = ("500", "503", "drop")
     reply: str = "normal"  # "normal" | "prose" | "malformed_json"
     status: int | None = None  # every request answers this status with an OpenAI error body
-    reject_json_schema: bool = False  # response_format json_schema -> 400 (llama.cpp-like)
+    reject_json_schema: bool = False  # response_format json_schema -> an error (llama.cpp-like)
+    reject_json_schema_status: int = 400  # 400, or 500 as llama-cpp-python 0.3.36's server does
     truncate_rate: float = 0.0  # share of answer replies cut with finish_reason "length"
     refusal_rate: float = 0.0  # share of answer replies that are a refusal
     seed: int = 0  # faults, truncation and refusals derive from seed + body hash (+ attempt)
@@ -905,6 +906,15 @@ class _Core:
         if knobs.reject_json_schema and form == "json_schema":
             with self.lock:
                 self.stats.rejected += 1
+            if knobs.reject_json_schema_status == 500:
+                # What llama-cpp-python 0.3.36's server answers: its request validation error,
+                # as a 500.
+                message = (
+                    "1 validation error: {'type': 'literal_error', 'loc': ('body', "
+                    "'response_format', 'type'), 'msg': \"Input should be 'text' or "
+                    "'json_object'\", 'input': 'json_schema'}"
+                )
+                return _error(500, message, "internal_server_error")
             return _error(
                 400,
                 "response_format json_schema is not supported",

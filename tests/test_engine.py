@@ -165,3 +165,23 @@ def test_expansion_rows_carry_provenance(tmp_path: Path, monkeypatch: pytest.Mon
     assert all(set(ids) <= set(seeds["id"]) and len(ids) == 3 for ids in accepted["seed_ids"])
     assert accepted["expansion_request_id"].str.len().min() > 0
     assert accepted["max_similarity"].between(0, 0.7, inclusive="left").all()
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_auto_structured_output_steps_down_to_json_object(make_engine, status: int) -> None:  # type: ignore[no-untyped-def]
+    from tasks.expand import expansion_schema
+
+    knobs = Knobs(reject_json_schema=True, reject_json_schema_status=status)
+    req = ChatRequest(
+        messages=(("user", "Can you generate 2 more examples?"),),
+        temperature=1.0,
+        top_p=1.0,
+        max_tokens=256,
+        json_schema=expansion_schema(2),
+    )
+    with FakeTeacher(knobs) as server:
+        engine = make_engine(server, concurrency=1)
+        (result,), stats = engine.complete([req], "t")
+        assert engine.structured_form == "json_object"
+        assert '"examples"' in result.content
+        assert stats.retries == 0 and server.stats.received == 2
