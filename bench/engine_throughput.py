@@ -16,7 +16,6 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +25,9 @@ from pathlib import Path
 import openai
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from fake_teacher import spawn  # noqa: E402
 from tasks.teacher import ChatRequest, EngineSettings, TeacherEndpoint, TeacherEngine  # noqa: E402
 
 
@@ -47,29 +47,6 @@ def requests_for(n: int, tag: str) -> list[ChatRequest]:
         )
         for i in range(n)
     ]
-
-
-def start_teacher(slots: int, latency: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tests" / "fake_teacher.py"),
-            "--port",
-            "0",
-            "--slots",
-            str(slots),
-            "--latency",
-            str(latency),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("READY "):
-        proc.kill()
-        raise RuntimeError(f"fake teacher did not start: {line!r}")
-    return proc, line.split(" ", 1)[1]
 
 
 async def bare_client(url: str, reqs: list[ChatRequest], concurrency: int, aiohttp: bool) -> float:
@@ -119,7 +96,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    proc, url = start_teacher(args.slots, args.latency)
+    proc, url = spawn("--slots", str(args.slots), "--latency", str(args.latency))
     rows = []
     try:
         # Warm-up: first connections, imports, JIT-free but cache-cold Python paths.

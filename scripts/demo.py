@@ -13,28 +13,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from fake_teacher import spawn  # noqa: E402
 
 
 def main() -> int:
-    teacher = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tests" / "fake_teacher.py"),
-            "--port",
-            "0",
-            "--latency",
-            "0.05",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    teacher, url = spawn("--latency", "0.05")
     try:
-        assert teacher.stdout is not None
-        ready = teacher.stdout.readline().strip()
-        if not ready.startswith("READY "):
-            print(f"the stand-in teacher did not start: {ready!r}", file=sys.stderr)
-            return 1
-        url = ready.split(" ", 1)[1]
         print(f"stand-in teacher on {url}", flush=True)
         cli = [
             sys.executable, "-m", "flows.cli", "run", str(REPO / "recipes" / "stock-advisor.yaml"),

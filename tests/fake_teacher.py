@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -1160,6 +1161,19 @@ def _parse_args(argv: list[str] | None) -> tuple[Knobs, int]:
         seed=args.seed,
     )
     return knobs, args.port
+
+
+def spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start the server as its own process (command-line flags); returns it and its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--port", "0", *args], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("READY "):
+        proc.kill()
+        raise RuntimeError(f"the fake teacher did not start: {line!r}")
+    return proc, line.split(" ", 1)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_teacher import FakeTeacher, Knobs
 
