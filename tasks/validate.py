@@ -24,17 +24,19 @@ logger = logging.getLogger("distillery.validate")
 
 @dataclass(frozen=True)
 class ExpectationOutcome:
-    expectation: str
-    column: str
-    observed: str
+    """One expectation's result, in the short form that the artifact and the manifest show."""
+
+    expectation: str  # GX type, e.g. expect_column_values_to_be_unique
+    column: str  # "" for table-level expectations
+    observed: str  # observed value, or "N unexpected of M (P%)"
     success: bool
-    failing_ids: tuple[str, ...] = ()
+    failing_ids: tuple[str, ...] = ()  # up to 5 ids of rows that broke it
 
 
 @dataclass
 class ValidationReport:
     success: bool
-    rows: int
+    rows: int  # answered rows in the candidate frame
     accepted_rows: int
     results: list[ExpectationOutcome] = field(default_factory=list)
     docs_uri: str | None = None  # Data Docs index, once uploaded beside the run's output
@@ -44,14 +46,23 @@ class ValidationReport:
     def failed(self) -> list[ExpectationOutcome]:
         return [r for r in self.results if not r.success]
 
+    @property
+    def evaluated(self) -> int:
+        return len(self.results)
+
+    @property
+    def successful(self) -> int:
+        return self.evaluated - len(self.failed)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary for the manifest (failures in full, passes counted)."""
         return {
             "success": self.success,
-            "evaluated": len(self.results),
-            "successful": len(self.results) - len(self.failed),
+            "evaluated": self.evaluated,
+            "successful": self.successful,
             "rows": self.rows,
             "accepted_rows": self.accepted_rows,
-            "failed": [asdict(r) for r in self.failed],
+            "failed": [{**asdict(r), "failing_ids": list(r.failing_ids)} for r in self.failed],
         }
 
     def to_markdown(self) -> str:
@@ -59,8 +70,12 @@ class ValidationReport:
         lines = [
             f"# Validation {verdict}",
             "",
-            f"{len(self.results) - len(self.failed)} of {len(self.results)} expectations met over "
-            f"{self.rows} answered rows ({self.accepted_rows} accepted).",
+            f"{self.successful} of {self.evaluated} expectations met over {self.rows} answered "
+            f"rows ({self.accepted_rows} accepted, {self.rows - self.accepted_rows} rejected).",
+            "",
+            f"Great Expectations Data Docs: `{self.docs_uri}`"
+            if self.docs_uri
+            else "Great Expectations Data Docs: not uploaded.",
             "",
             "| expectation | column | observed | result |",
             "|---|---|---|---|",
@@ -68,10 +83,14 @@ class ValidationReport:
         for r in self.results:
             ids = f" (e.g. {', '.join(r.failing_ids)})" if r.failing_ids else ""
             result = "pass" if r.success else f"**fail**{ids}"
-            lines.append(f"| {r.expectation} | {r.column or '(table)'} | {r.observed} | {result} |")
-        if self.docs_uri:
-            lines += ["", f"Great Expectations Data Docs: `{self.docs_uri}`"]
+            cells = (r.expectation, r.column or "(table)", r.observed, result)
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text that cannot break a markdown table row."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 class ValidationFailed(Exception):
@@ -81,10 +100,16 @@ class ValidationFailed(Exception):
         names = ", ".join(
             f"{r.expectation}({r.column})" if r.column else r.expectation for r in report.failed
         )
+        where = f"the Data Docs at {report.docs_uri}" if report.docs_uri else "the Data Docs"
         super().__init__(
-            f"validation failed: {names}. Nothing was published; Data Docs: {report.docs_uri}"
+            f"validation failed {len(report.failed)} of {report.evaluated} expectations "
+            f"({names}); see {where} or the Prefect artifact 'validation-report'."
         )
         self.report = report
+
+    def __reduce__(self) -> tuple[type[ValidationFailed], tuple[ValidationReport]]:
+        # Pickle (Prefect's result and state serialisers) rebuilds from the report, not the text.
+        return (type(self), (self.report,))
 
 
 def _observed(result: dict[str, Any]) -> str:
@@ -101,7 +126,7 @@ def _observed(result: dict[str, Any]) -> str:
 
 def _failing_ids(result: dict[str, Any]) -> tuple[str, ...]:
     rows = result.get("unexpected_index_list") or []
-    ids = [str(r["id"]) for r in rows if isinstance(r, dict) and "id" in r]
+    ids = [str(r["id"]) for r in rows if isinstance(r, dict) and r.get("id") not in (None, "")]
     return tuple(dict.fromkeys(ids))[:5]
 
 

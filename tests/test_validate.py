@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +11,7 @@ import pytest
 
 from tasks.recipe import ValidationSettings
 from tasks.record import RECORD_COLUMNS, record_id
-from tasks.validate import ValidationFailed, run_suite, validate_dataset
+from tasks.validate import ValidationFailed, ValidationReport, run_suite, validate_dataset
 
 SETTINGS = ValidationSettings(max_rejected_share=0.25)
 
@@ -72,10 +74,24 @@ def test_valid_frame_passes_and_writes_data_docs(tmp_path: Path) -> None:
     assert "distillery-dataset" in index
     assert list((tmp_path / "validations").rglob("*.html"))
     assert (tmp_path / "validation_result.json").exists()
+    assert report.evaluated == report.successful == len(report.results)
+
+
+def test_markdown_lists_every_expectation_of_the_suite(tmp_path: Path) -> None:
+    from expectations.suite import build_suite
+
+    report = run_suite(make_rows(12), SETTINGS, 10, tmp_path)
     markdown = report.to_markdown()
-    assert "Validation passed" in markdown
-    for column in RECORD_COLUMNS:
-        assert f"| {column} |" in markdown
+    assert markdown.startswith("# Validation passed")
+    assert "12 answered rows (12 accepted, 0 rejected)" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| expect_")]
+    listed = [tuple(cell.strip() for cell in row.strip("|").split("|")[:2]) for row in rows]
+    suite = build_suite(SETTINGS, 10)
+    assert sorted(listed) == sorted(  # GX reports in its own order, not the suite's
+        (e.expectation_type, getattr(e, "column", None) or "(table)") for e in suite.expectations
+    )
+    assert {("expect_column_values_to_not_be_null", c) for c in RECORD_COLUMNS} <= set(listed)
+    assert all(row.endswith("| pass |") for row in rows)
 
 
 def test_duplicated_id_fails_on_id(tmp_path: Path) -> None:
@@ -99,6 +115,30 @@ def test_too_short_answer_fails_on_length(tmp_path: Path) -> None:
     assert failure.failing_ids == (frame.loc[3, "id"],)
 
 
+def test_failure_names_expectations_and_report_and_survives_pickle(tmp_path: Path) -> None:
+    frame = make_rows(12)
+    frame.loc[3, "answer"] = "Buy."
+    frame.loc[4, "id"] = frame.loc[5, "id"]
+    report = run_suite(frame, SETTINGS, 10, tmp_path)
+    report.docs_uri = "s3://bucket/demo/runs/r1/data-docs/index.html"
+    error = ValidationFailed(report)
+    message = str(error)
+    assert "expect_column_value_lengths_to_be_between(answer)" in message
+    assert "expect_column_values_to_be_unique(id)" in message
+    assert "s3://bucket/demo/runs/r1/data-docs/index.html" in message
+    assert "validation-report" in message
+    assert f"failed 2 of {report.evaluated} expectations" in message
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == message and isinstance(copy.report, ValidationReport)
+    summary = json.loads(json.dumps(report.to_dict()))
+    assert summary["success"] is False
+    assert summary["evaluated"] - summary["successful"] == 2
+    by_name = {f["expectation"]: f for f in summary["failed"]}
+    assert by_name["expect_column_value_lengths_to_be_between"]["failing_ids"] == [
+        frame.loc[3, "id"]
+    ]
+
+
 def test_null_field_fails_not_null(tmp_path: Path) -> None:
     frame = make_rows(12)
     frame.loc[2, "teacher_model"] = None
@@ -120,10 +160,24 @@ def test_rejected_share_above_the_cap_fails_and_at_the_cap_passes(tmp_path: Path
     }
 
 
+def test_rejected_share_exactly_at_a_non_binary_cap_passes(tmp_path: Path) -> None:
+    settings = ValidationSettings(max_rejected_share=1 / 3)  # 1 - 1/3 > 8/12 in floats
+    assert run_suite(reject(make_rows(12), 4), settings, 8, tmp_path).success
+    assert not run_suite(reject(make_rows(12), 5), settings, 7, tmp_path).success
+
+
 def test_rejected_rows_with_empty_fields_do_not_trip_row_checks(tmp_path: Path) -> None:
     frame = reject(make_rows(12), 2)
-    frame.loc[frame.index[-2:], ["teacher_model", "messages"]] = None
+    gone = frame.index[-2:]
+    for column in ("id", "user_context", "question", "teacher_model", "messages", "split"):
+        frame.loc[gone, column] = None
     assert failed_names(frame, tmp_path, min_rows=10) == set()
+
+
+def test_row_without_status_fails(tmp_path: Path) -> None:
+    frame = make_rows(12)
+    frame.loc[3, "status"] = None
+    assert failed_names(frame, tmp_path) == {"expect_column_values_to_not_be_null:status"}
 
 
 def test_validate_task_raises_and_publishes_the_report_artifact(
