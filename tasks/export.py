@@ -27,13 +27,16 @@ logger = logging.getLogger("distillery.export")
 
 
 def assign_split(ids: pd.Series, validation_fraction: float) -> pd.Series:
-    """Deterministic split by id: a row's split never depends on the other rows."""
+    """Deterministic split by id: a row's split depends on its id alone.
 
-    def split(rid: str) -> str:
-        bucket = int(hashlib.sha256(f"split/{rid}".encode()).hexdigest()[:8], 16) / 2**32
-        return "validation" if bucket < validation_fraction else "train"
-
-    return ids.map(split)
+    The one exception: when the hash puts no row in validation although the recipe asks for
+    some (small datasets), the row with the lowest hash goes there, so a held-out split exists.
+    """
+    buckets = ids.map(lambda rid: int(hashlib.sha256(f"split/{rid}".encode()).hexdigest()[:8], 16))
+    split = (buckets / 2**32 < validation_fraction).map({True: "validation", False: "train"})
+    if validation_fraction > 0 and len(ids) >= 2 and not (split == "validation").any():
+        split.loc[buckets.idxmin()] = "validation"
+    return split
 
 
 def assemble_candidates(answered: pd.DataFrame, recipe: Recipe, run_id: str) -> pd.DataFrame:

@@ -137,6 +137,13 @@ def test_split_is_deterministic_per_id_and_near_the_fraction() -> None:
     assert 0.07 < share < 0.13
 
 
+def test_split_holds_out_at_least_one_row_of_a_small_dataset() -> None:
+    ids = pd.Series([record_id(f"ctx {i}", "q") for i in range(20)])
+    for fraction in (0.01, 0.1):
+        assert (assign_split(ids, fraction) == "validation").sum() >= 1
+    assert set(assign_split(ids, 0.0)) == {"train"}
+
+
 def test_reset_and_retry_after_header_forms() -> None:
     assert parse_reset("1s") == 1.0
     assert parse_reset("6m0s") == 360.0
