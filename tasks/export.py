@@ -35,7 +35,7 @@ def assign_split(ids: pd.Series, validation_fraction: float) -> pd.Series:
     buckets = ids.map(lambda rid: int(hashlib.sha256(f"split/{rid}".encode()).hexdigest()[:8], 16))
     split = (buckets / 2**32 < validation_fraction).map({True: "validation", False: "train"})
     if validation_fraction > 0 and len(ids) >= 2 and not (split == "validation").any():
-        split.loc[buckets.idxmin()] = "validation"
+        split = split.where(buckets != buckets.min(), "validation")
     return split
 
 
