@@ -142,14 +142,14 @@ class NearDuplicateIndex:
         self._lsh = MinHashLSH(threshold=threshold, num_perm=self.NUM_PERM)
         self._hashes: dict[str, MinHash] = {}
 
-    def _minhash(self, text: str) -> MinHash:
+    def minhash(self, text: str) -> MinHash:
         mh = MinHash(num_perm=self.NUM_PERM)
         mh.update_batch(list(_shingles(text)))
         return mh
 
-    def check(self, key: str, text: str) -> tuple[float, MinHash]:
+    def check(self, text: str) -> tuple[float, MinHash]:
         """Max estimated Jaccard similarity to an indexed row (0.0 when none is close)."""
-        mh = self._minhash(text)
+        mh = self.minhash(text)
         best = 0.0
         for other in self._lsh.query(mh):
             best = max(best, float(mh.jaccard(self._hashes[other])))
@@ -227,7 +227,7 @@ def run_expansion(
         existing["id"], existing["user_context"], existing["question"], strict=True
     ):
         known.add(rid)
-        index.add(rid, index.check(rid, f"{ctx}\n{q}")[1])
+        index.add(rid, index.minhash(f"{ctx}\n{q}"))
     result = ExpansionResult(accepted=pd.DataFrame(columns=INPUT_COLUMNS), rejected=pd.DataFrame())
     accepted: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -276,7 +276,7 @@ def run_expansion(
                         "same normalised context and question as an earlier row",
                     )
                 if verdict is None:
-                    similarity, mh = index.check(rid, f"{ctx}\n{q}")
+                    similarity, mh = index.check(f"{ctx}\n{q}")
                     row["max_similarity"] = round(similarity, 4)
                     if similarity >= cfg.near_duplicate_threshold:
                         verdict = ("near_duplicate", f"MinHash similarity {similarity:.2f}")

@@ -167,16 +167,6 @@ def _rejected_table(rejected: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame, schema=REJECT_SCHEMA, preserve_index=False)
 
 
-def read_latest(output: str, name: str) -> str | None:
-    """The version LATEST points at, or None when nothing was published yet."""
-    fs, root = fsspec.core.url_to_fs(output)
-    try:
-        with fs.open(posixpath.join(root, name, "LATEST"), "rb") as f:
-            return str(f.read().decode().strip())
-    except FileNotFoundError:
-        return None
-
-
 def upload_folder(local: Path, output: str, *parts: str) -> str:
     """Copy a local folder (the Data Docs) under the output; returns its URI."""
     fs, root = fsspec.core.url_to_fs(output)

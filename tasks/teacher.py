@@ -111,7 +111,6 @@ class ChatResult:
     model: str
     request_id: str
     refusal: str | None = None
-    cached: bool = False
 
 
 @dataclass
@@ -158,11 +157,11 @@ class RequestCache:
                     f"SELECT key, result FROM responses WHERE key IN ({marks})", chunk
                 )
                 for key, blob in rows:
-                    found[key] = ChatResult(**{**json.loads(blob), "cached": True})
+                    found[key] = ChatResult(**json.loads(blob))
         return found
 
     def put(self, key: str, result: ChatResult) -> None:
-        blob = json.dumps({k: v for k, v in asdict(result).items() if k != "cached"})
+        blob = json.dumps(asdict(result))
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO responses VALUES (?, ?, ?)", (key, blob, time.time())

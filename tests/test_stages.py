@@ -89,9 +89,9 @@ def test_record_id_ignores_case_and_white_space() -> None:
 def test_near_duplicate_index_flags_rewordings_not_new_examples() -> None:
     index = NearDuplicateIndex(0.7)
     base = "I am 30, a nurse saving $500 a month.\nShould I buy an S&P 500 index fund?"
-    index.add("a", index.check("a", base)[1])
-    close, _ = index.check("b", base.replace("$500", "$550"))
-    far, _ = index.check("c", "I am 70 and retired in Spain.\nAre government bonds safe now?")
+    index.add("a", index.minhash(base))
+    close, _ = index.check(base.replace("$500", "$550"))
+    far, _ = index.check("I am 70 and retired in Spain.\nAre government bonds safe now?")
     assert close >= 0.7
     assert far < 0.3
 
