@@ -293,7 +293,10 @@ def run_expansion(
                 index.add(rid, mh)
                 accepted.append(row)
         result.parsed += parsed_this_round
-        if parsed_this_round == 0:
+        # A teacher whose first round gives nothing usable will not start later: stop early. One
+        # that did (an earlier round or cycle) can have a bad round, as small models do; the next
+        # round samples anew, and the round cap bounds it.
+        if cycle == 1 and result.parsed == 0:
             sample = replies[0].content.strip().replace("\n", " ")[:160] if replies else ""
             raise TeacherError(
                 f"the teacher at {endpoint.host} (model {endpoint.model!r}) returned no parseable "

@@ -185,3 +185,23 @@ def test_auto_structured_output_steps_down_to_json_object(make_engine, status: i
         assert engine.structured_form == "json_object"
         assert '"examples"' in result.content
         assert stats.retries == 0 and server.stats.received == 2
+
+
+def test_a_bad_round_after_the_first_cycle_is_a_shortfall_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISTILLERY_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = load_recipe(str(REPO / "recipes" / "stock-advisor.yaml"))
+    expansion = recipe.expansion.model_copy(update={"max_rounds": 2})
+    recipe = recipe.model_copy(update={"expansion": expansion})
+    with FakeTeacher(Knobs(reply="prose")) as server:
+        endpoint = TeacherEndpoint(model="fake-teacher", base_url=server.url)
+        try:
+            with pytest.raises(TeacherError, match="no parseable examples"):
+                run_expansion(recipe, endpoint, seed_inputs(recipe), 5, cycle=1)
+            result = run_expansion(recipe, endpoint, seed_inputs(recipe), 5, cycle=2)
+        finally:
+            close_engines()
+    assert result.accepted.empty
+    assert result.rejects["unparseable_reply"] == result.requests == 4
+    assert result.shortfall is not None and "round cap (2)" in result.shortfall
