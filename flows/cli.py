@@ -54,19 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     # The recipe and the teacher settings are checked before Prefect starts: a bad recipe costs
     # nothing, writes nothing and sends no request.
-    from tasks.recipe import RecipeError, load_recipe
+    from tasks.recipe import RecipeError, load_recipe, target_size
 
     try:
         recipe = load_recipe(args.recipe)
+        target_size(recipe, args.recipe, args.examples)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.examples is not None and args.examples < len(recipe.seeds):
-        print(
-            f"error: --examples {args.examples} is below the {len(recipe.seeds)} seeds of "
-            f"{args.recipe}; ask for at least {len(recipe.seeds)}.",
-            file=sys.stderr,
-        )
         return EXIT_BAD_INPUT
 
     from flows.distill import DistillParams, distill, resolve_endpoint

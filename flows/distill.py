@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.answer import AnswerResult, answer_inputs
 from tasks.expand import expand_inputs, seed_inputs
 from tasks.export import assemble_candidates, code_version, publish_dataset
-from tasks.recipe import Recipe, load_recipe
-from tasks.teacher import CallStats, TeacherEndpoint, TeacherError, get_engine
+from tasks.recipe import Recipe, load_recipe, target_size
+from tasks.teacher import CallStats, TeacherEndpoint, api_key_for, get_engine
 from tasks.validate import ValidationReport, validate_dataset
 
 # Top-up cycles: when answers are rejected, expansion runs again for the missing rows.
@@ -57,19 +57,15 @@ class DistillParams(BaseModel):
 
 def resolve_endpoint(recipe: Recipe, params: DistillParams) -> TeacherEndpoint:
     """Flag, then recipe, then OPENAI_BASE_URL, then OpenAI (if a key is set)."""
-    base_url = (
-        params.teacher_base_url or recipe.teacher.base_url or os.environ.get("OPENAI_BASE_URL")
-    )
-    if base_url is None and not os.environ.get("OPENAI_API_KEY"):
-        raise TeacherError(
-            "no teacher endpoint: pass --teacher-base-url URL (parameter teacher_base_url), set "
-            "OPENAI_BASE_URL, or set OPENAI_API_KEY to use OpenAI's API."
-        )
-    return TeacherEndpoint(
+    endpoint = TeacherEndpoint(
         model=params.teacher_model or recipe.teacher.model,
-        base_url=base_url,
+        base_url=(
+            params.teacher_base_url or recipe.teacher.base_url or os.environ.get("OPENAI_BASE_URL")
+        ),
         structured_output=recipe.teacher.structured_output,
     )
+    api_key_for(endpoint)  # no endpoint and no key: fail before any stage runs
+    return endpoint
 
 
 @task(name="load-recipe", cache_policy=NO_CACHE)
@@ -213,19 +209,13 @@ def build_manifest(
     name="distill",
     flow_run_name=_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
-    log_prints=True,
 )
 def distill(params: DistillParams) -> dict[str, Any]:
     """Build and publish one dataset version from a recipe."""
     started = time.monotonic()
     recipe = load_recipe_task(params.recipe)
     endpoint = resolve_endpoint(recipe, params)
-    target = params.examples or recipe.examples
-    if target < len(recipe.seeds):
-        raise ValueError(
-            f"examples={target} is below the recipe's {len(recipe.seeds)} seeds; ask for at least "
-            f"{len(recipe.seeds)} examples."
-        )
+    target = target_size(recipe, params.recipe, params.examples)
     run_id = str(flow_run.get_id() or "local")
     generation = generate(recipe, endpoint, target, params.answer_batch_size)
     candidates = assemble_candidates(generation.answered, recipe, run_id)

@@ -159,6 +159,17 @@ def _check_template(where: str, template: str, allowed: set[str]) -> None:
         )
 
 
+def target_size(recipe: Recipe, uri: str, examples: int | None) -> int:
+    """The dataset size a run aims at (seeds included): `examples`, else the recipe's."""
+    target = examples or recipe.examples
+    if target < len(recipe.seeds):
+        raise RecipeError(
+            f"{uri}: {target} examples is below the recipe's {len(recipe.seeds)} seeds; ask for "
+            f"at least {len(recipe.seeds)} (--examples or the recipe's 'examples')."
+        )
+    return target
+
+
 def load_recipe(uri: str) -> Recipe:
     """Read a recipe from a local path or fsspec URI; raise RecipeError naming what to fix."""
     raw = _read_text(uri, what="recipe")

@@ -298,13 +298,8 @@ def _backoff(attempt: int) -> float:
 @dataclass
 class _Run:
     stats: CallStats = field(default_factory=CallStats)
-    progress: Progress | None = None
     task_id: Any = None
     failed: bool = False
-
-    def advance(self) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task_id)
 
 
 class TeacherEngine:
@@ -385,7 +380,6 @@ class TeacherEngine:
         run.stats.cached = sum(1 for k in keys if k in done)
         todo = [(k, r) for k, r in unique.items() if k not in done]
         run.task_id = self._progress_add(label, total=len(unique), completed=len(done))
-        run.progress = self._progress
         # A bounded window of tasks, not one per request: 100k prompts must not mean 100k
         # coroutines. Each task frees its place itself (asyncio.wait over the window would
         # cost O(window) per answer).
@@ -518,7 +512,7 @@ class TeacherEngine:
                     if completion.usage is not None:
                         run.stats.prompt_tokens += completion.usage.prompt_tokens
                         run.stats.completion_tokens += completion.usage.completion_tokens
-                    run.advance()
+                    self._progress.advance(run.task_id)
                     return key, result
             attempt += 1
             if attempt >= self.settings.max_attempts:
@@ -547,7 +541,7 @@ def _to_result(completion: Any, request_id: str | None) -> ChatResult:
         completion_tokens=usage.completion_tokens if usage else 0,
         model=completion.model or "",
         request_id=request_id or completion.id or "",
-        refusal=getattr(choice.message, "refusal", None),
+        refusal=choice.message.refusal,
     )
 
 
@@ -560,19 +554,20 @@ def get_engine(endpoint: TeacherEndpoint) -> TeacherEngine:
     with _engines_lock:
         engine = _engines.get(endpoint)
         if engine is None:
-            engine = TeacherEngine(endpoint, EngineSettings(), api_key=_api_key(endpoint))
+            engine = TeacherEngine(endpoint, EngineSettings(), api_key=api_key_for(endpoint))
             _engines[endpoint] = engine
         return engine
 
 
-def _api_key(endpoint: TeacherEndpoint) -> str | None:
+def api_key_for(endpoint: TeacherEndpoint) -> str:
+    """The key to send; raises TeacherError, naming the settings, when there is no teacher."""
     key = os.environ.get("OPENAI_API_KEY")
     if key:
         return key
     if endpoint.base_url is None:
         raise TeacherError(
-            "no teacher endpoint: pass --teacher-base-url URL, set OPENAI_BASE_URL, or set "
-            "OPENAI_API_KEY to use OpenAI's API."
+            "no teacher endpoint: pass --teacher-base-url URL (parameter teacher_base_url), set "
+            "OPENAI_BASE_URL, or set OPENAI_API_KEY to use OpenAI's API."
         )
     # Local OpenAI-compatible servers (vLLM, llama.cpp, Ollama) accept any key.
     return "no-key"

@@ -145,3 +145,14 @@ def test_missing_seeds_file_is_named(tmp_path: Path) -> None:
 def test_bad_dataset_name_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"name: String should match pattern"):
         load_recipe(str(write_recipe(tmp_path, name="Stock Advisor")))
+
+
+def test_target_below_the_seed_count_is_rejected_with_the_minimum(tmp_path: Path) -> None:
+    from tasks.recipe import target_size
+
+    path = str(write_recipe(tmp_path, examples=5))
+    recipe = load_recipe(path)
+    assert target_size(recipe, path, None) == 5
+    assert target_size(recipe, path, 2) == 2
+    with pytest.raises(RecipeError, match=r"1 examples is below the recipe's 2 seeds"):
+        target_size(recipe, path, 1)
