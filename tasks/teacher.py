@@ -61,10 +61,27 @@ class TeacherEndpoint(BaseModel):
     structured_output: StructuredForm = Field(
         "auto", description="How structured output is requested (see the recipe's teacher field)."
     )
+    embedded: bool = Field(
+        False,
+        description=(
+            "The embedded SmolLM2 teacher served by this process on 127.0.0.1; its port changes "
+            "from run to run, so it is not part of the endpoint (nor of any cache key)."
+        ),
+    )
 
     @property
     def host(self) -> str:
+        if self.embedded:
+            return "embedded"
         return urlsplit(self.base_url).hostname or "" if self.base_url else "api.openai.com"
+
+    def url(self) -> str | None:
+        """The base URL to send to now (the embedded server's current address, if embedded)."""
+        if self.embedded:
+            from tasks.embedded import running_url
+
+            return running_url()
+        return self.base_url
 
 
 class TeacherError(RuntimeError):
@@ -352,7 +369,7 @@ class TeacherEngine:
         # and the engine does the retrying, so the SDK's own retries are off.
         return openai.AsyncOpenAI(
             api_key=self._api_key,
-            base_url=self.endpoint.base_url,
+            base_url=self.endpoint.url(),
             max_retries=0,
             timeout=self.settings.request_timeout_s,
             http_client=openai.DefaultAioHttpClient(),
@@ -554,7 +571,12 @@ def get_engine(endpoint: TeacherEndpoint) -> TeacherEngine:
     with _engines_lock:
         engine = _engines.get(endpoint)
         if engine is None:
-            engine = TeacherEngine(endpoint, EngineSettings(), api_key=api_key_for(endpoint))
+            settings = EngineSettings()
+            if endpoint.embedded and "concurrency" not in settings.model_fields_set:
+                # llama.cpp's server answers one request at a time; more in flight only queue
+                # there and run into the request timeout (STACK-NOTES).
+                settings = settings.model_copy(update={"concurrency": 1})
+            engine = TeacherEngine(endpoint, settings, api_key=api_key_for(endpoint))
             _engines[endpoint] = engine
         return engine
 
@@ -564,13 +586,21 @@ def api_key_for(endpoint: TeacherEndpoint) -> str:
     key = os.environ.get("OPENAI_API_KEY")
     if key:
         return key
-    if endpoint.base_url is None:
+    if endpoint.base_url is None and not endpoint.embedded:
         raise TeacherError(
             "no teacher endpoint: pass --teacher-base-url URL (parameter teacher_base_url), set "
             "OPENAI_BASE_URL, or set OPENAI_API_KEY to use OpenAI's API."
         )
     # Local OpenAI-compatible servers (vLLM, llama.cpp, Ollama) accept any key.
     return "no-key"
+
+
+def close_engine(endpoint: TeacherEndpoint) -> None:
+    """Close one endpoint's engine (the embedded teacher's, when its server stops)."""
+    with _engines_lock:
+        engine = _engines.pop(endpoint, None)
+    if engine is not None:
+        engine.close()
 
 
 @atexit.register
