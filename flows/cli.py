@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Ephemeral Prefect (no server configured) starts its own API; on 2 busy cores that can take
 # longer than Prefect's 20 s default, and telemetry cannot reach its host offline.
@@ -19,6 +20,8 @@ _PREFECT_DEFAULTS = {
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+BACKENDS = ("local", "openai", "prefect")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-train", action="store_true", help="publish the dataset only; train no student"
     )
+    run.add_argument("--train-backend", choices=BACKENDS, help="override the recipe's backend")
+
+    train = sub.add_parser("train", help="train a student on a published dataset version")
+    train.add_argument(
+        "version", help="version folder (<output>/<dataset>/<version>) or dataset folder (LATEST)"
+    )
+    train.add_argument("--backend", choices=BACKENDS, help="override the recorded backend")
+
+    teacher = sub.add_parser("teacher", help="the embedded teacher")
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True)
+    serve = teacher_sub.add_parser(
+        "serve", help="serve the embedded SmolLM2 teacher (OpenAI-compatible) until Ctrl-C"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     return parser
 
 
@@ -48,7 +66,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     # Per-call teacher summaries (requests, cached, sent, retries) reach the terminal and the UI.
     logging.getLogger("distillery").setLevel(logging.INFO)
-    return _run(args)
+    try:
+        if args.command == "teacher":
+            return _serve(args)
+        if args.command == "train":
+            return _train(args)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted: stopped (answers already received are in the cache)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tasks.embedded import MODEL_NAME, EmbeddedSettings, serve
+
+    print(f"serving {MODEL_NAME} on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)")
+    serve(args.host, args.port, None, EmbeddedSettings())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flows.train import TrainParams, train
+    from tasks.train import TrainingFailed, resolve_version
+
+    try:
+        resolve_version(args.version)  # a bad version costs nothing and submits nothing
+        outcome = train(TrainParams(version=args.version, backend=args.backend))
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (TrainingFailed, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return _print_training(outcome)
+
+
+def _print_training(outcome: dict[str, Any]) -> int:
+    """The training part of the final summary; non-zero when the student run failed."""
+    print(f"training ({outcome['backend']}): {outcome['status']}")
+    for key, label in (
+        ("model_uri", "student"),
+        ("fine_tuned_model", "fine-tuned model"),
+        ("job_id", "job"),
+        ("flow_run_id", "training flow run"),
+    ):
+        if outcome.get(key):
+            print(f"{label}: {outcome[key]}")
+    if outcome.get("error"):
+        print(f"error: {outcome['error']}")
+    before, after = outcome.get("eval_loss_before"), outcome.get("eval_loss_after")
+    if before is not None and after is not None:
+        verdict = (
+            "lower: the student learned the teacher's answers"
+            if outcome.get("improved")
+            else "NOT lower: this training did not improve the student on held-out data"
+        )
+        print(f"validation loss: {before:.4f} before, {after:.4f} after training ({verdict})")
+    samples = (outcome.get("metrics") or {}).get("samples") or []
+    for i, sample in enumerate(samples, 1):
+        print(f"\nvalidation question {i}: {_short(sample.get('question'), 300)}")
+        for who in ("before", "after", "teacher"):
+            print(f"  {who:>7}: {_short(sample.get(who), 240)}")
+    return 0 if outcome["status"] == "succeeded" else EXIT_FAILED
+
+
+def _short(text: Any, limit: int) -> str:
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -65,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from flows.distill import DistillParams, distill, resolve_endpoint
     from tasks.teacher import TeacherError, TeacherUnavailable, close_engines
+    from tasks.train import TrainingFailed, check_backend
     from tasks.validate import ValidationFailed
 
     params = DistillParams(
@@ -73,13 +158,35 @@ def _run(args: argparse.Namespace) -> int:
         output=args.output,
         teacher_model=args.teacher_model,
         teacher_base_url=args.teacher_base_url,
+        train=not args.no_train,
+        train_backend=args.train_backend,
     )
+    try:  # before any stage: a bad setting sends nothing and writes nothing
+        if params.train:
+            backend = params.train_backend or recipe.training.backend
+            check_backend(recipe.training.model_copy(update={"backend": backend}))
+        endpoint = resolve_endpoint(recipe, params)
+    except (TeacherError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if endpoint.embedded:
+        print(
+            "teacher: the embedded SmolLM2-135M-Instruct on 127.0.0.1 (no teacher endpoint or "
+            "OPENAI_API_KEY is set); a small model, for trying distillery out."
+        )
     try:
-        resolve_endpoint(recipe, params)
         summary = distill(params)
     except TeacherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (TrainingFailed, TimeoutError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(
+            "The dataset was published before training: see "
+            f"{args.output.rstrip('/')}/{recipe.name}/LATEST.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except (TeacherUnavailable, ValidationFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(
@@ -102,8 +209,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"rejected at {stage}: {listed} (see rejected.parquet)")
     for line in summary["shortfall"]:
         print(f"note: {line}")
-    if not args.no_train:
-        print("training: this version has no training stage yet; the dataset is published.")
+    if summary.get("training"):
+        return _print_training(summary["training"])
     return 0
 
 

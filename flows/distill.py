@@ -1,15 +1,14 @@
 """The distill flow: seeds -> expand -> answer -> validate -> export, as cached, retryable tasks."""
 
-from __future__ import annotations
-
 import dataclasses
 import os
 import time
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -19,12 +18,16 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks import embedded
 from tasks.answer import AnswerResult, answer_inputs
 from tasks.expand import expand_inputs, seed_inputs
 from tasks.export import assemble_candidates, code_version, publish_dataset
 from tasks.recipe import Recipe, load_recipe, target_size
-from tasks.teacher import CallStats, TeacherEndpoint, api_key_for, get_engine
+from tasks.teacher import CallStats, TeacherEndpoint, TeacherError, api_key_for, get_engine
+from tasks.train import train_student
 from tasks.validate import ValidationReport, validate_dataset
+
+EMBEDDED = "embedded"  # the teacher_base_url value that asks for the embedded teacher
 
 # Top-up cycles: when answers are rejected, expansion runs again for the missing rows.
 MAX_CYCLES = 4
@@ -46,26 +49,45 @@ class DistillParams(BaseModel):
     teacher_base_url: str | None = Field(
         None,
         description=(
-            "OpenAI-compatible endpoint of the teacher; default: the recipe's, else "
-            "OPENAI_BASE_URL, else OpenAI's API (needs OPENAI_API_KEY)."
+            "OpenAI-compatible endpoint of the teacher, or 'embedded'; default: the recipe's, "
+            "else OPENAI_BASE_URL, else OpenAI's API if OPENAI_API_KEY is set, else the "
+            "embedded SmolLM2 teacher on 127.0.0.1."
         ),
     )
     answer_batch_size: int = Field(
         500, ge=1, description="Inputs per answer task (the unit Prefect caches and retries)."
     )
+    train: bool = Field(True, description="Train a student on the published version.")
+    train_backend: Literal["local", "openai", "prefect"] | None = Field(
+        None, description="Override the recipe's training backend (local, openai, prefect)."
+    )
 
 
 def resolve_endpoint(recipe: Recipe, params: DistillParams) -> TeacherEndpoint:
-    """Flag, then recipe, then OPENAI_BASE_URL, then OpenAI (if a key is set)."""
+    """Flag, then recipe, then OPENAI_BASE_URL, then OpenAI (if a key is set), else embedded."""
+    base_url = (
+        params.teacher_base_url or recipe.teacher.base_url or os.environ.get("OPENAI_BASE_URL")
+    )
+    if base_url == EMBEDDED or (base_url is None and not os.environ.get("OPENAI_API_KEY")):
+        if params.teacher_model and base_url != EMBEDDED:
+            raise TeacherError(
+                f"--teacher-model {params.teacher_model} needs a teacher endpoint: pass "
+                "--teacher-base-url URL or set OPENAI_BASE_URL or OPENAI_API_KEY (with none of "
+                "them and no --teacher-model, the embedded SmolLM2 teacher answers)."
+            )
+        return embedded.endpoint()
     endpoint = TeacherEndpoint(
         model=params.teacher_model or recipe.teacher.model,
-        base_url=(
-            params.teacher_base_url or recipe.teacher.base_url or os.environ.get("OPENAI_BASE_URL")
-        ),
+        base_url=base_url,
         structured_output=recipe.teacher.structured_output,
     )
-    api_key_for(endpoint)  # no endpoint and no key: fail before any stage runs
+    api_key_for(endpoint)  # an OpenAI-compatible endpoint: checked before any stage runs
     return endpoint
+
+
+def teacher_session(endpoint: TeacherEndpoint) -> AbstractContextManager[object]:
+    """The embedded teacher's server for the teacher stages, if that is the teacher."""
+    return embedded.embedded_teacher() if endpoint.embedded else nullcontext()
 
 
 @task(name="load-recipe", cache_policy=NO_CACHE)
@@ -107,6 +129,7 @@ class Generation:
     this_run: CallStats = field(default_factory=CallStats)  # what this run really sent
     shortfall: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    structured_form: str = ""  # how the endpoint took structured output in the end
 
     @property
     def requests_cached(self) -> int:
@@ -152,6 +175,7 @@ def generate(recipe: Recipe, endpoint: TeacherEndpoint, target: int, batch_size:
     for name in ("sent", "retries", "prompt_tokens", "completion_tokens"):
         setattr(out.this_run, name, getattr(out.this_run, name) - getattr(before, name))
     out.seconds = round(time.monotonic() - started, 2)
+    out.structured_form = engine.structured_form
     return out
 
 
@@ -177,8 +201,11 @@ def build_manifest(
         "teacher": {
             "model": endpoint.model,
             "host": endpoint.host,
-            "structured_output": get_engine(endpoint).structured_form,
+            "structured_output": generation.structured_form,
+            **({"gguf": embedded.GGUF_FILE} if endpoint.embedded else {}),
         },
+        "random_seed": recipe.random_seed,
+        "training_config": recipe.training.model_dump(),
         "counts": {
             "seeds": len(recipe.seeds),
             "expansion": {**generation.expansion, "rejected": dict(generation.expansion_rejects)},
@@ -217,7 +244,8 @@ def distill(params: DistillParams) -> dict[str, Any]:
     endpoint = resolve_endpoint(recipe, params)
     target = target_size(recipe, params.recipe, params.examples)
     run_id = str(flow_run.get_id() or "local")
-    generation = generate(recipe, endpoint, target, params.answer_batch_size)
+    with teacher_session(endpoint):
+        generation = generate(recipe, endpoint, target, params.answer_batch_size)
     candidates = assemble_candidates(generation.answered, recipe, run_id)
     report = validate_dataset(
         candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
@@ -234,6 +262,14 @@ def distill(params: DistillParams) -> dict[str, Any]:
         ignore_index=True,
     )
     published = publish_dataset(params.output, recipe, candidates, rejected, manifest)
+    get_run_logger().info(
+        "published %s: %d rows (train %d, validation %d); %d teacher requests sent",
+        published.uri,
+        published.counts["total"],
+        published.counts["train"],
+        published.counts["validation"],
+        generation.this_run.sent,
+    )
     summary = {
         "uri": published.uri,
         "version": published.version,
@@ -251,15 +287,11 @@ def distill(params: DistillParams) -> dict[str, Any]:
         markdown=_summary_markdown(recipe, summary),
         description=f"{recipe.name} {published.version}",
     )
-    get_run_logger().info(
-        "published %s: %d rows (train %d, validation %d); %d teacher requests sent, %d cached",
-        published.uri,
-        published.counts["total"],
-        published.counts["train"],
-        published.counts["validation"],
-        summary["requests_sent"],
-        summary["requests_cached"],
-    )
+    if params.train:
+        settings = recipe.training
+        if params.train_backend is not None:
+            settings = settings.model_copy(update={"backend": params.train_backend})
+        summary["training"] = train_student(published.uri, settings)
     return summary
 
 

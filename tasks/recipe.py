@@ -119,6 +119,59 @@ class ValidationSettings(_Strict):
     answer_chars: tuple[int, int] = Field((20, 8000), description="Length bounds of answer.")
 
 
+class LocalTraining(_Strict):
+    method: Literal["lora", "layers"] = Field(
+        "lora",
+        description=(
+            "lora: LoRA (r=16) on the 135M student; layers: full fine-tune of a half-depth "
+            "student that keeps every other decoder layer."
+        ),
+    )
+    epochs: float = Field(3.0, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (a cap).")
+    batch_size: int = Field(8, ge=1, description="Examples per optimiser step.")
+    learning_rate: float | None = Field(None, gt=0, description="Default: the method's own.")
+    max_length: int = Field(512, ge=32, description="Tokens per example; longer ones are cut.")
+    samples: int = Field(3, ge=0, description="Validation questions answered before and after.")
+
+
+class OpenAITraining(_Strict):
+    model: str = Field(
+        "gpt-4o-mini-2024-07-18", description="Base model of the OpenAI fine-tuning job."
+    )
+    base_url: str | None = Field(None, description="Fine-tuning API base URL; None: OpenAI's.")
+    hyperparameters: dict[str, Any] | None = Field(
+        None, description="Passed to the job as is (n_epochs, batch_size, ...)."
+    )
+    poll_interval_s: float = Field(30.0, gt=0, description="First wait between status polls.")
+    max_poll_interval_s: float = Field(300.0, gt=0, description="Longest wait between polls.")
+
+
+class PrefectTraining(_Strict):
+    deployment: str = Field(
+        "train/training", description="The training flow's deployment (flow/deployment)."
+    )
+    backend: Literal["local", "openai"] = Field(
+        "local", description="What the training deployment itself runs (local on a GPU worker)."
+    )
+
+
+class TrainingSettings(_Strict):
+    backend: Literal["local", "openai", "prefect"] = Field(
+        "local",
+        description=(
+            "local: TRL SFT on this machine's CPU in a subprocess; openai: the fine-tuning API; "
+            "prefect: the training deployment on its work pool."
+        ),
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Stop waiting after this long (the run re-attaches later)."
+    )
+    local: LocalTraining = LocalTraining()
+    openai: OpenAITraining = OpenAITraining()
+    prefect: PrefectTraining = PrefectTraining()
+
+
 class Recipe(_Strict):
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]*$",
@@ -133,6 +186,7 @@ class Recipe(_Strict):
     expansion: ExpansionSettings = ExpansionSettings()
     answer: AnswerSettings = AnswerSettings()
     validation: ValidationSettings = ValidationSettings()
+    training: TrainingSettings = TrainingSettings()
 
     @model_validator(mode="after")
     def _check_templates(self) -> Recipe:
@@ -142,8 +196,8 @@ class Recipe(_Strict):
         return self
 
     def content_hash(self) -> str:
-        """Hash of everything that shapes the data, for the manifest and cache keys."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Hash of everything that shapes the data (not how a student is trained from it)."""
+        return hashlib.sha256(self.model_dump_json(exclude={"training"}).encode()).hexdigest()[:16]
 
 
 def _check_template(where: str, template: str, allowed: set[str]) -> None:

@@ -69,11 +69,31 @@ def test_bad_recipe_exits_non_zero_before_any_request_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_teacher_endpoint_names_the_settings(tmp_path: Path) -> None:
-    proc = distillery("run", RECIPE, "--output", str(tmp_path / "out"), env=cli_env(tmp_path))
+def test_teacher_model_without_an_endpoint_names_the_settings(tmp_path: Path) -> None:
+    args = ["run", RECIPE, "--output", str(tmp_path / "out"), "--teacher-model", "gpt-4o"]
+    proc = distillery(*args, env=cli_env(tmp_path))
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "--teacher-base-url" in output and "OPENAI_API_KEY" in output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [("openai", "OPENAI_API_KEY"), ("prefect", "PREFECT_API_URL")],
+)
+def test_training_backend_without_its_settings_fails_before_any_request(
+    tmp_path: Path, backend: str, expected: str
+) -> None:
+    with FakeTeacher() as teacher:
+        args = ["run", RECIPE, "--output", str(tmp_path / "out"), "--train-backend", backend]
+        args += ["--teacher-base-url", teacher.url, "--teacher-model", "fake-teacher"]
+        proc = distillery(*args, env=cli_env(tmp_path))
+        output, _ = proc.communicate(timeout=120)
+        assert teacher.stats.received == 0
+    assert proc.returncode == 2, output
+    assert expected in output and f"backend {backend}" in output
+    assert "Traceback" not in output
     assert not (tmp_path / "out").exists()
 
 

@@ -30,6 +30,7 @@ def run(
         teacher_model="fake-teacher",
         teacher_base_url=teacher.url,
         answer_batch_size=25,
+        train=False,
     )
     return distill(params)
 
