@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 		'torch==2.13.0' -e '.[dev,embedded,train]'
 	touch $(STAMP)
 
+# The whole job on the embedded default: SmolLM2 teacher on 127.0.0.1, CPU student training.
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/distillery run recipes/stock-advisor-demo.yaml --output out
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -55,6 +55,12 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_api: str) -
     close_engines()
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the student's base model is converted from the GGUF: once per session (~1 min)."""
+    return tmp_path_factory.mktemp("models")
+
+
 @pytest.fixture
 def teacher() -> Iterator[FakeTeacher]:
     with FakeTeacher(Knobs(latency=0.0, slots=32)) as server:
