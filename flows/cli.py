@@ -16,6 +16,8 @@ _PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "distillery",
+    # The engine's drain after Ctrl-C logs once the flow run is gone: not a reason to warn.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 EXIT_BAD_INPUT = 2
@@ -43,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-train", action="store_true", help="publish the dataset only; train no student"
     )
     run.add_argument("--train-backend", choices=BACKENDS, help="override the recipe's backend")
+    run.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="stop sending teacher requests before this run's spend could pass USD; what was "
+        "answered stays cached (also DISTILLERY_MAX_COST_USD)",
+    )
 
     train = sub.add_parser("train", help="train a student on a published dataset version")
     train.add_argument(
@@ -147,8 +156,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    if args.max_cost is not None:
+        if args.max_cost <= 0:
+            print("error: --max-cost must be a positive amount of USD", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        # The engine reads its settings from the environment, in this process and in workers.
+        os.environ["DISTILLERY_MAX_COST_USD"] = str(args.max_cost)
+
     from flows.distill import DistillParams, distill, resolve_endpoint
-    from tasks.teacher import TeacherError, TeacherUnavailable, close_engines
+    from tasks.cost import format_usd, price_for
+    from tasks.teacher import BudgetExceeded, TeacherError, TeacherUnavailable, close_engines
     from tasks.train import TrainingFailed, check_backend
     from tasks.validate import ValidationFailed
 
@@ -166,6 +183,15 @@ def _run(args: argparse.Namespace) -> int:
             backend = params.train_backend or recipe.training.backend
             check_backend(recipe.training.model_copy(update={"backend": backend}))
         endpoint = resolve_endpoint(recipe, params)
+        if (
+            args.max_cost is not None
+            and price_for(endpoint.model, endpoint.host, endpoint.price) is None
+        ):
+            raise TeacherError(
+                f"--max-cost needs the price of model {endpoint.model!r} at {endpoint.host}, "
+                "which is unknown: set teacher.price in the recipe (input_usd_per_1m, "
+                "output_usd_per_1m)."
+            )
     except (TeacherError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -187,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    except (TeacherUnavailable, ValidationFailed) as exc:
+    except (TeacherUnavailable, ValidationFailed, BudgetExceeded) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(
             "Nothing was published; LATEST still points at the previous version.", file=sys.stderr
@@ -200,7 +226,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"dataset: {summary['uri']}")
     print(
         f"rows: {counts['total']} (train {counts['train']}, validation {counts['validation']}); "
-        f"teacher requests: {summary['requests_sent']} sent, {summary['requests_cached']} cached"
+        f"teacher requests: {summary['requests_sent']} sent, {summary['requests_cached']} cached, "
+        f"cost {format_usd(summary.get('cost_usd'))}"
     )
     for stage in ("expansion", "answer"):
         rejects = summary[f"{stage}_rejects"]

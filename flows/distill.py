@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import embedded
 from tasks.answer import AnswerResult, answer_inputs
+from tasks.cost import format_usd, price_for
 from tasks.expand import expand_inputs, seed_inputs
 from tasks.export import assemble_candidates, code_version, publish_dataset
 from tasks.recipe import Recipe, load_recipe, target_size
@@ -80,6 +81,7 @@ def resolve_endpoint(recipe: Recipe, params: DistillParams) -> TeacherEndpoint:
         model=params.teacher_model or recipe.teacher.model,
         base_url=base_url,
         structured_output=recipe.teacher.structured_output,
+        price=recipe.teacher.price,
     )
     api_key_for(endpoint)  # an OpenAI-compatible endpoint: checked before any stage runs
     return endpoint
@@ -171,9 +173,7 @@ def generate(recipe: Recipe, endpoint: TeacherEndpoint, target: int, batch_size:
         stats.add(a.stats)
     out.answered = pd.concat([a.rows for a in answered], ignore_index=True)
     out.requests = stats.requests
-    out.this_run = dataclasses.replace(engine.totals)
-    for name in ("sent", "retries", "prompt_tokens", "completion_tokens"):
-        setattr(out.this_run, name, getattr(out.this_run, name) - getattr(before, name))
+    out.this_run = engine.totals.since(before)
     out.seconds = round(time.monotonic() - started, 2)
     out.structured_form = engine.structured_form
     return out
@@ -224,6 +224,12 @@ def build_manifest(
             "retries": generation.this_run.retries,
             "sent_prompt_tokens": generation.this_run.prompt_tokens,
             "sent_completion_tokens": generation.this_run.completion_tokens,
+        },
+        # USD of what this run sent (tasks/cost.py); None when the model's price is unknown.
+        "cost": {
+            "usd": generation.this_run.cost_usd,
+            "estimated_usd": generation.this_run.estimated_cost_usd,
+            "price": _price(endpoint),
         },
         "validation": report.to_dict(),
         "data_docs": report.docs_uri,
@@ -279,6 +285,7 @@ def distill(params: DistillParams) -> dict[str, Any]:
         "requests": generation.requests,
         "requests_sent": generation.this_run.sent,
         "requests_cached": generation.requests_cached,
+        "cost_usd": generation.this_run.cost_usd,
         "shortfall": generation.shortfall,
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -295,6 +302,11 @@ def distill(params: DistillParams) -> dict[str, Any]:
     return summary
 
 
+def _price(endpoint: TeacherEndpoint) -> dict[str, float] | None:
+    price = price_for(endpoint.model, endpoint.host, endpoint.price)
+    return price.model_dump() if price else None
+
+
 def _summary_markdown(recipe: Recipe, summary: dict[str, Any]) -> str:
     counts = summary["published"]
     lines = [
@@ -309,6 +321,7 @@ def _summary_markdown(recipe: Recipe, summary: dict[str, Any]) -> str:
         f"| validation | {counts['validation']} |",
         f"| teacher requests sent | {summary['requests_sent']} |",
         f"| teacher requests from cache | {summary['requests_cached']} |",
+        f"| teacher cost (USD) | {format_usd(summary['cost_usd'])} |",
         *(f"| rejected at expansion: {k} | {v} |" for k, v in summary["expansion_rejects"].items()),
         *(f"| rejected at answer: {k} | {v} |" for k, v in summary["answer_rejects"].items()),
     ]

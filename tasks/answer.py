@@ -13,7 +13,14 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from tasks.recipe import EXPLAINED_SUFFIX, AnswerSettings, Recipe, ValidationSettings
 from tasks.record import TEMPLATE_LEAK_PATTERN
-from tasks.teacher import CallStats, ChatRequest, ChatResult, TeacherEndpoint, get_engine
+from tasks.teacher import (
+    CallStats,
+    ChatRequest,
+    ChatResult,
+    TeacherEndpoint,
+    get_engine,
+    retry_worthwhile,
+)
 
 # Bump when message building or judging changes, so Prefect's cache of this stage turns over.
 ANSWER_VERSION = "1"
@@ -133,6 +140,7 @@ def run_answers(
     task_run_name="answer-{label}",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_worthwhile,
     cache_policy=INPUTS + TASK_SOURCE,
     persist_result=True,
 )

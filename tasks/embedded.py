@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,6 +133,25 @@ class EmbeddedTeacher:
         text = Path(self._log.name).read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
+    def failure(self) -> str | None:
+        """Why the server is gone, if it died while in use; None while it runs."""
+        process = self._process
+        if process is None or process.poll() is None:
+            return None
+        code = process.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        hint = ""
+        if code == -signal.SIGILL:
+            hint = (
+                ": llama-cpp-python was built for CPU instructions this machine refuses; "
+                "rebuild it with the README's set-up command (`make clean setup`), which builds "
+                "a portable wheel"
+            )
+        return (
+            f"the embedded teacher's server {how}{hint}. Its log ({self._log.name}) ends "
+            f"with:\n{self.log_tail()}"
+        )
+
     def stop(self) -> None:
         """Stop the server (TERM, then KILL after 10 s) and remove its log."""
         process, self._process = self._process, None
@@ -193,6 +213,12 @@ def running_url() -> str:
             "`with embedded_teacher():` (the distill flow does), or pass a teacher endpoint."
         )
     return _running.url
+
+
+def server_failure() -> str | None:
+    """Why the embedded teacher this process started has died, or None (running or not ours)."""
+    server = _running
+    return server.failure() if server is not None else None
 
 
 def _watch_parent(parent: int) -> None:

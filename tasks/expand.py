@@ -18,7 +18,14 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from tasks.recipe import Recipe, ValidationSettings
 from tasks.record import TEMPLATE_LEAK_PATTERN, normalise_text, record_id
-from tasks.teacher import CallStats, ChatRequest, TeacherEndpoint, TeacherError, get_engine
+from tasks.teacher import (
+    CallStats,
+    ChatRequest,
+    TeacherEndpoint,
+    TeacherError,
+    get_engine,
+    retry_worthwhile,
+)
 
 logger = logging.getLogger("distillery.expand")
 
@@ -322,6 +329,7 @@ def run_expansion(
     task_run_name="expand-cycle-{cycle}",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_worthwhile,
     cache_policy=INPUTS + TASK_SOURCE,
     persist_result=True,
 )

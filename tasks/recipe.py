@@ -14,6 +14,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.cost import Price
 from tasks.record import normalise_text, record_id
 
 
@@ -69,6 +70,14 @@ class TeacherSettings(_Strict):
             "How expansion asks for JSON: OpenAI's json_schema form, llama.cpp's "
             "json_object+schema form, plain text, or auto (json_schema, falling back on the "
             "endpoint's first 4xx)."
+        ),
+    )
+    price: Price | None = Field(
+        None,
+        description=(
+            "USD per 1M input and output tokens (input_usd_per_1m, output_usd_per_1m, "
+            "batch_discount); default: OpenAI's list price on OpenAI's API, 0 on a local server, "
+            "unknown elsewhere."
         ),
     )
 
@@ -129,7 +138,9 @@ class LocalTraining(_Strict):
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the train split.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (a cap).")
-    batch_size: int = Field(8, ge=1, description="Examples per optimiser step.")
+    batch_size: int = Field(
+        4, ge=1, description="Examples per optimiser step (activation memory grows with it)."
+    )
     learning_rate: float | None = Field(None, gt=0, description="Default: the method's own.")
     max_length: int = Field(512, ge=32, description="Tokens per example; longer ones are cut.")
     samples: int = Field(3, ge=0, description="Validation questions answered before and after.")
@@ -197,7 +208,9 @@ class Recipe(_Strict):
 
     def content_hash(self) -> str:
         """Hash of everything that shapes the data (not how a student is trained from it)."""
-        return hashlib.sha256(self.model_dump_json(exclude={"training"}).encode()).hexdigest()[:16]
+        # The price only changes what a run is said to cost, never what it makes.
+        dumped = self.model_dump_json(exclude={"training": True, "teacher": {"price"}})
+        return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 
 
 def _check_template(where: str, template: str, allowed: set[str]) -> None:

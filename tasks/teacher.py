@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import signal
 import sqlite3
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -24,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tasks.cost import Price, format_usd, price_for
 
 logger = logging.getLogger("distillery.teacher")
 
@@ -47,6 +53,19 @@ class EngineSettings(BaseSettings):
     rpm: int | None = Field(None, ge=1, description="Requests per minute cap (else learned).")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute cap (else learned).")
     progress: bool = Field(True, description="Show a progress bar on the terminal.")
+    max_cost_usd: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Spending cap in USD for this process's teacher requests: nothing is sent that could "
+            "pass it (CLI: --max-cost)."
+        ),
+    )
+    drain_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="On Ctrl-C or close: seconds to wait for answers in flight, to cache them.",
+    )
 
 
 class TeacherEndpoint(BaseModel):
@@ -60,6 +79,13 @@ class TeacherEndpoint(BaseModel):
     )
     structured_output: StructuredForm = Field(
         "auto", description="How structured output is requested (see the recipe's teacher field)."
+    )
+    price: Price | None = Field(
+        None,
+        description=(
+            "USD per 1M input and output tokens; None: OpenAI's list price on OpenAI's API, 0 on "
+            "a local server, unknown elsewhere (tasks/cost.py)."
+        ),
     )
     embedded: bool = Field(
         False,
@@ -92,6 +118,26 @@ class TeacherUnavailable(RuntimeError):
     """A request still failed after every retry (the endpoint is down or overloaded)."""
 
 
+class BudgetExceeded(RuntimeError):
+    """The next request could pass the spending cap: nothing more was sent."""
+
+    def __init__(self, message: str, spent_usd: float, cap_usd: float, undone: int) -> None:
+        super().__init__(message)
+        self.spent_usd, self.cap_usd, self.undone = spent_usd, cap_usd, undone
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect pickles task exceptions into results; the default reduce passes only args.
+        return (type(self), (str(self), self.spent_usd, self.cap_usd, self.undone))
+
+
+class TeacherInterrupted(KeyboardInterrupt):
+    """The engine was stopped (Ctrl-C or close) before every request of a call was answered.
+
+    A KeyboardInterrupt, so that Prefect records the task as crashed instead of retrying it
+    while the run is shutting down.
+    """
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """One logical chat request; its key ignores the wire form chosen for structured output."""
@@ -115,8 +161,13 @@ class ChatRequest:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    def estimated_prompt_tokens(self) -> int:
+        """About four characters a token: OpenAI's own rule for counting a request's TPM."""
+        return sum(len(c) for _, c in self.messages) // 4
+
     def estimated_tokens(self) -> int:
-        return sum(len(c) for _, c in self.messages) // 4 + self.max_tokens
+        """What a TPM limit counts for this request before it is answered."""
+        return self.estimated_prompt_tokens() + self.max_tokens
 
 
 @dataclass(frozen=True)
@@ -130,9 +181,14 @@ class ChatResult:
     refusal: str | None = None
 
 
+def _plus(a: float | None, b: float | None) -> float | None:
+    """Sum of two costs; unknown (None) if either is."""
+    return None if a is None or b is None else a + b
+
+
 @dataclass
 class CallStats:
-    """What one `complete` call cost: sent vs cached requests, retries, tokens of sent requests."""
+    """What `complete` calls cost: sent vs cached requests, retries, tokens and USD of answers."""
 
     requests: int = 0
     cached: int = 0
@@ -141,10 +197,24 @@ class CallStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    # USD of the answers received, from their usage; None: sent to a model of unknown price.
+    cost_usd: float | None = 0.0
+    # USD estimated before sending the same requests (prompt chars / 4 + max_tokens): what the
+    # spending cap is checked against; above cost_usd unless a prompt has many tokens per char.
+    estimated_cost_usd: float | None = 0.0
 
     def add(self, other: CallStats) -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, _plus(mine, theirs))
+
+    def since(self, earlier: CallStats) -> CallStats:
+        """What was added after `earlier` (a copy of the same running totals) was taken."""
+        out = CallStats()
+        for f in fields(self):
+            now, then = getattr(self, f.name), getattr(earlier, f.name)
+            setattr(out, f.name, None if now is None or then is None else now - then)
+        return out
 
 
 class RequestCache:
@@ -222,6 +292,10 @@ class RateLimiter:
 
     # Pace a little under the advertised limit so a sliding-window server never sees a burst.
     MARGIN = 0.97
+    # Requests sent before the first reply shows whether (and how) the endpoint limits: a full
+    # window of `concurrency` at once would be refused by a server that enforces its per-minute
+    # limit per second, as providers do.
+    PROBE = 4
 
     def __init__(self, rpm: int | None, tpm: int | None) -> None:
         self.configured_rpm, self.configured_tpm = rpm, tpm
@@ -229,19 +303,49 @@ class RateLimiter:
         self._next_request = 0.0
         self._next_token = 0.0
         self._paused_until = 0.0
+        self._probes = 0
+        self._heard: asyncio.Event | None = None  # made on the loop, at first use
+        self._turn: asyncio.Lock | None = None
 
     async def wait(self, tokens: int) -> None:
-        now = time.monotonic()
-        start = max(now, self._next_request, self._next_token, self._paused_until)
-        if self.rpm:
-            self._next_request = start + 60.0 / (self.rpm * self.MARGIN)
-        if self.tpm:
-            self._next_token = start + tokens * 60.0 / (self.tpm * self.MARGIN)
-        if start > now:
-            await asyncio.sleep(start - now)
+        if self._heard is None:
+            self._heard, self._turn = asyncio.Event(), asyncio.Lock()
+            # The budget starts now, with nothing banked.
+            self._next_request = self._next_token = time.monotonic()
+        assert self._turn is not None
+        if not self._heard.is_set():
+            if self._probes >= self.PROBE:
+                await self._heard.wait()
+            else:
+                self._probes += 1
+        if not (self.rpm or self.tpm) and self._paused_until <= time.monotonic():
+            return  # no limit known: no pacing, no lock
+        # One waiter at a time (FIFO), so a slot freed by a stall goes to one request, not to
+        # every request that was sleeping until then.
+        async with self._turn:
+            while True:
+                now = time.monotonic()
+                start = max(self._next_request, self._next_token, self._paused_until)
+                if start <= now:
+                    break
+                await asyncio.sleep(start - now)
+            # A bucket one request deep: a request that wakes a little late (sleep overshoots on
+            # a busy machine) keeps the schedule, but a longer stall banks at most one request,
+            # so the requests that waited it out still go one interval apart.
+            if self.rpm:
+                step = 60.0 / (self.rpm * self.MARGIN)
+                self._next_request = max(self._next_request, now - step) + step
+            if self.tpm:
+                step = tokens * 60.0 / (self.tpm * self.MARGIN)
+                self._next_token = max(self._next_token, now - step) + step
 
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    def settle(self) -> None:
+        """An attempt came back (answer, error or dropped connection): stop probing."""
+        if self._heard is not None:
+            self._heard.set()
 
     def observe(self, headers: Any) -> None:
         for kind in ("requests", "tokens"):
@@ -268,18 +372,19 @@ class _LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="teacher", daemon=True)
         self._thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            future.cancel()
-            raise
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call_soon(self, callback: Any) -> None:
+        """Run `callback` on the loop; safe from any thread and from a signal handler."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nothing to do
+            self.loop.call_soon_threadsafe(callback)
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.call_soon(self.loop.stop)
         self._thread.join(timeout=10)
-        self.loop.close()
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def _describe_refusal(exc: openai.APIStatusError, endpoint: TeacherEndpoint) -> str:
@@ -312,11 +417,26 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0, min(30.0, 0.25 * 2**attempt))
 
 
-@dataclass
+class _Stopped(Exception):
+    """Raised on the loop when the engine stops; `complete` turns it into TeacherInterrupted."""
+
+
+class _OverBudget(Exception):
+    """A request that could pass the spending cap was not sent."""
+
+
+@dataclass(eq=False)
 class _Run:
+    """One `complete` call on the loop: its fetch tasks and how it ends."""
+
+    label: str
+    wake: asyncio.Event
     stats: CallStats = field(default_factory=CallStats)
+    tasks: set[asyncio.Task[tuple[str, ChatResult]]] = field(default_factory=set)
     task_id: Any = None
-    failed: bool = False
+    error: BaseException | None = None
+    failed: bool = False  # send nothing more for this call
+    active: bool = True  # its progress row still exists
 
 
 class TeacherEngine:
@@ -325,6 +445,13 @@ class TeacherEngine:
     def __init__(self, endpoint: TeacherEndpoint, settings: EngineSettings, api_key: str | None):
         self.endpoint = endpoint
         self.settings = settings
+        self.price = price_for(endpoint.model, endpoint.host, endpoint.price)
+        if settings.max_cost_usd is not None and self.price is None:
+            raise TeacherError(
+                f"a spending cap is set (DISTILLERY_MAX_COST_USD / --max-cost) but the price of "
+                f"model {endpoint.model!r} at {endpoint.host} is unknown; set teacher.price in the "
+                "recipe (USD per 1M input and output tokens)."
+            )
         self.cache = RequestCache(settings.cache_dir / "teacher-cache.sqlite")
         self._api_key = api_key
         self._form: StructuredForm = (
@@ -332,8 +459,17 @@ class TeacherEngine:
         )
         self._limiter = RateLimiter(settings.rpm, settings.tpm)
         self._loop = _LoopThread()
-        self._client: openai.AsyncOpenAI = self._loop.run(self._make_client())
+        self._client: openai.AsyncOpenAI = self._loop.submit(self._make_client()).result()
         self._semaphore = asyncio.Semaphore(settings.concurrency)
+        # State below is touched on the loop thread only (stop() hops onto it).
+        self._runs: set[_Run] = set()
+        self._tasks: set[asyncio.Task[tuple[str, ChatResult]]] = set()
+        self._sending: set[asyncio.Task[Any]] = set()  # requests on the wire right now
+        self._in_flight_usd = 0.0  # estimates of the requests on the wire
+        self._over_budget = False
+        self._stopping = False
+        self._drained = 0  # answers that landed after the stop
+        self._closed = False
         # One progress display per engine (rich allows one live display); each call is a row.
         console = Console(stderr=True)
         self._progress = Progress(
@@ -347,7 +483,7 @@ class TeacherEngine:
         )
         self._progress_rows = 0
         # Everything this engine did in this process: what a run really sent, whatever Prefect's
-        # task cache replayed.
+        # task cache replayed. Updated as answers land, so it also counts a call that was stopped.
         self.totals = CallStats()
 
     def _progress_add(self, label: str, total: int, completed: int) -> Any:
@@ -383,7 +519,17 @@ class TeacherEngine:
         self, requests: Sequence[ChatRequest], label: str
     ) -> tuple[list[ChatResult], CallStats]:
         """Answer every request (cache first), in order; blocks the calling thread."""
-        return self._loop.run(self._complete(requests, label))
+        if self._closed:
+            raise TeacherInterrupted(f"{label}: the teacher engine is closed; nothing was sent.")
+        future = self._loop.submit(self._complete(requests, label))
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            # Ctrl-C in the thread waiting here: stop sending; what is in flight still lands.
+            self.stop()
+            raise
+        except _Stopped as exc:
+            raise TeacherInterrupted(str(exc)) from None
 
     async def _complete(
         self, requests: Sequence[ChatRequest], label: str
@@ -392,60 +538,104 @@ class TeacherEngine:
         keys = [r.key(self.endpoint) for r in requests]
         unique: dict[str, ChatRequest] = dict(zip(keys, requests, strict=True))
         done = self.cache.get_many(list(unique))
-        run = _Run()
+        run = _Run(label=label, wake=asyncio.Event())
         run.stats.requests = len(requests)
         run.stats.cached = sum(1 for k in keys if k in done)
+        self.totals.requests += run.stats.requests
+        self.totals.cached += run.stats.cached
         todo = [(k, r) for k, r in unique.items() if k not in done]
+        if todo and self._stopping:
+            raise _Stopped(self._stopped_message(label, len(done), len(unique), 0))
         run.task_id = self._progress_add(label, total=len(unique), completed=len(done))
+        self._runs.add(run)
         # A bounded window of tasks, not one per request: 100k prompts must not mean 100k
         # coroutines. Each task frees its place itself (asyncio.wait over the window would
         # cost O(window) per answer).
         window = asyncio.Semaphore(self.settings.concurrency * 4)
-        pending: set[asyncio.Task[tuple[str, ChatResult]]] = set()
-        failures: list[BaseException] = []
 
         def finished(task: asyncio.Task[tuple[str, ChatResult]]) -> None:
-            pending.discard(task)
+            run.tasks.discard(task)
+            self._tasks.discard(task)
             window.release()
             if task.cancelled():
-                return
-            error = task.exception()
-            if error is not None:
-                failures.append(error)
-                return
-            key, result = task.result()
-            done[key] = result
+                pass
+            elif (error := task.exception()) is not None:
+                if run.error is None:
+                    run.error = error
+                run.wake.set()
+            else:
+                key, result = task.result()
+                done[key] = result
+            if not run.tasks:
+                run.wake.set()
 
         try:
             for key, req in todo:
                 await window.acquire()
-                if failures:
+                if run.error is not None or self._stopping:
                     break
                 task = asyncio.create_task(self._fetch(key, req, run))
-                pending.add(task)
+                run.tasks.add(task)
+                self._tasks.add(task)
                 task.add_done_callback(finished)
-            while pending and not failures:
-                await asyncio.wait(set(pending), return_when=asyncio.FIRST_EXCEPTION)
+            while run.tasks and run.error is None and not self._stopping:
+                run.wake.clear()
+                await run.wake.wait()
+            if run.error is not None and not self._stopping:
+                # Send nothing more for this call, but let the requests on the wire finish into
+                # the cache: they are paid for, and a retry of this call must not send them again.
+                run.failed = True
+                for task in run.tasks - self._sending:
+                    task.cancel()
+                while run.tasks and not self._stopping:
+                    run.wake.clear()
+                    await run.wake.wait()
         finally:
-            for task in list(pending):
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            self._runs.discard(run)
+            run.active = False
             self._progress_remove(run.task_id)
-            self.totals.add(run.stats)
-        if failures:
-            raise failures[0]
+        if self._stopping:
+            # What is still on the wire keeps running: close() waits for it and caches it.
+            in_flight = len(run.tasks & self._sending)
+            raise _Stopped(self._stopped_message(label, len(done), len(unique), in_flight))
+        if isinstance(run.error, _OverBudget):
+            raise self._budget_error(label, len(unique) - len(done)) from None
+        if run.error is not None:
+            raise run.error
         run.stats.seconds = time.monotonic() - started
+        self.totals.seconds += run.stats.seconds
         logger.info(
-            "%s: %d requests, %d cached, %d sent, %d retried, %.1f s",
+            "%s: %d requests, %d cached, %d sent, %d retried, %.1f s%s",
             label,
             run.stats.requests,
             run.stats.cached,
             run.stats.sent,
             run.stats.retries,
             run.stats.seconds,
+            "" if run.stats.cost_usd is None else f", {format_usd(run.stats.cost_usd)}",
         )
         return [done[k] for k in keys], run.stats
+
+    def _stopped_message(self, label: str, answered: int, total: int, in_flight: int) -> str:
+        return (
+            f"{label}: the teacher engine was stopped (Ctrl-C or shutdown): {answered} of {total} "
+            f"requests answered, {in_flight} in flight (cached as they land), "
+            f"{total - answered - in_flight} not sent; answers are cached, so the same command "
+            "resumes where this one stopped."
+        )
+
+    def _budget_error(self, label: str, undone: int) -> BudgetExceeded:
+        cap = self.settings.max_cost_usd or 0.0
+        spent = self.totals.cost_usd or 0.0
+        return BudgetExceeded(
+            f"{label}: stopped at the spending cap of {format_usd(cap)} (DISTILLERY_MAX_COST_USD / "
+            f"--max-cost): {format_usd(spent)} spent, and the next request could pass the cap; "
+            f"{undone} requests left unsent. Every answer received is cached: raise the cap and "
+            "run the same command again to continue.",
+            spent_usd=spent,
+            cap_usd=cap,
+            undone=undone,
+        )
 
     def _wire(self, req: ChatRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -489,7 +679,33 @@ class TeacherEngine:
             )
         return True
 
+    def _may_send(self, run: _Run, estimate: float) -> None:
+        """Raise unless this request may go out now (stop, a failed call, the spending cap)."""
+        if self._stopping:
+            raise _Stopped
+        if run.failed:
+            raise asyncio.CancelledError  # another request of this call failed: send no more
+        cap = self.settings.max_cost_usd
+        if cap is not None:
+            spent = self.totals.cost_usd or 0.0
+            # Spent + what is on the wire + this request, all at their upper bounds: once that
+            # could pass the cap, nothing more is sent (a smaller request later would only
+            # trickle on to the cap).
+            if self._over_budget or spent + self._in_flight_usd + estimate > cap:
+                self._over_budget = True
+                raise _OverBudget
+
+    def _count(self, run: _Run, **deltas: float | None) -> None:
+        for name, value in deltas.items():
+            for stats in (run.stats, self.totals):
+                setattr(stats, name, _plus(getattr(stats, name), value))
+
     async def _fetch(self, key: str, req: ChatRequest, run: _Run) -> tuple[str, ChatResult]:
+        me = asyncio.current_task()
+        assert me is not None
+        prompt_estimate = req.estimated_prompt_tokens()
+        price = self.price
+        estimate = price.cost(prompt_estimate, req.max_tokens) if price else 0.0
         attempt = 0
         while True:
             delay: float | None = None
@@ -498,18 +714,22 @@ class TeacherEngine:
             async with self._semaphore:
                 # Pace inside the slot: a request waiting for its turn must not have been
                 # scheduled before the limits were learned.
-                await self._limiter.wait(req.estimated_tokens())
-                if run.failed:
-                    raise asyncio.CancelledError  # another request hit a fatal error: send no more
-                run.stats.sent += 1
+                await self._limiter.wait(prompt_estimate + req.max_tokens)
+                self._may_send(run, estimate)
+                self._count(run, sent=1)
+                self._sending.add(me)
+                self._in_flight_usd += estimate
                 try:
+                    # The body is plain JSON already: passed as extra_body, it skips the SDK's
+                    # per-call transform of typed params, which walks the TypedDict annotations
+                    # of every message (~0.9 ms a request, the largest client cost on 2 cores).
                     raw = await self._client.chat.completions.with_raw_response.create(
-                        **self._wire(req)
+                        model=self.endpoint.model, messages=[], extra_body=self._wire(req)
                     )
                     completion = raw.parse()
                 except openai.APIStatusError as exc:
                     if self._learn_form(exc, req, used):
-                        run.stats.sent -= 1
+                        self._count(run, sent=-1)
                         continue
                     status = exc.status_code
                     if status not in (408, 409, 429) and status < 500:
@@ -522,15 +742,38 @@ class TeacherEngine:
                         self._limiter.pause(delay if delay is not None else _backoff(attempt))
                 except openai.APIConnectionError as exc:  # includes timeouts and dropped sockets
                     error = exc
+                    if self.endpoint.embedded:
+                        from tasks.embedded import server_failure
+
+                        if (why := server_failure()) is not None:
+                            raise TeacherUnavailable(why) from exc  # retrying cannot help
                 else:
                     self._limiter.observe(raw.headers)
                     result = _to_result(completion, raw.headers.get("x-request-id"))
                     self.cache.put(key, result)
-                    if completion.usage is not None:
-                        run.stats.prompt_tokens += completion.usage.prompt_tokens
-                        run.stats.completion_tokens += completion.usage.completion_tokens
-                    self._progress.advance(run.task_id)
+                    usage = completion.usage
+                    if price is None:
+                        cost: float | None = None
+                    elif usage is None:
+                        cost = estimate  # a server that reports no usage: count the upper bound
+                    else:
+                        cost = price.cost(usage.prompt_tokens, usage.completion_tokens)
+                    self._count(
+                        run,
+                        prompt_tokens=usage.prompt_tokens if usage else 0,
+                        completion_tokens=usage.completion_tokens if usage else 0,
+                        cost_usd=cost,
+                        estimated_cost_usd=estimate if price else None,
+                    )
+                    if self._stopping:
+                        self._drained += 1
+                    if run.active:
+                        self._progress.advance(run.task_id)
                     return key, result
+                finally:
+                    self._sending.discard(me)
+                    self._in_flight_usd -= estimate
+                    self._limiter.settle()
             attempt += 1
             if attempt >= self.settings.max_attempts:
                 raise TeacherUnavailable(
@@ -539,13 +782,70 @@ class TeacherEngine:
                     "finished answers are cached, so run the same command again once it recovers, "
                     "or raise DISTILLERY_MAX_ATTEMPTS."
                 )
-            run.stats.retries += 1
+            self._count(run, retries=1)
             await asyncio.sleep(delay if delay is not None else _backoff(attempt))
 
-    def close(self) -> None:
-        self._loop.run(self._client.close())
-        self._loop.stop()
-        self.cache.close()
+    def stop(self) -> None:
+        """Send nothing more: calls in progress raise TeacherInterrupted, answers in flight land.
+
+        Safe from any thread and from a signal handler (it only schedules work on the loop).
+        """
+        self._loop.call_soon(self._stop_now)
+
+    def _stop_now(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        for run in self._runs:
+            run.wake.set()
+        for task in self._tasks - self._sending:
+            task.cancel()  # waiting for a slot, the rate limiter or a backoff: never sent
+
+    def close(self, deadline: float | None = None) -> None:
+        """Stop sending, wait until `deadline` (monotonic; default: drain_grace_s from now) for
+        the answers in flight to land in the cache, then close. Ctrl-C while waiting forces."""
+        if self._closed:
+            return
+        self._closed = True
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.drain_grace_s
+        limit = [deadline]  # a box, so a forced close can move the deadline of the running drain
+        future = self._loop.submit(self._shutdown(limit))
+        try:
+            future.result()
+        except KeyboardInterrupt:
+            # A second Ctrl-C: give up on what is still in flight (it was never answered, so a
+            # re-run sends it again), close what can be closed in a moment, and go.
+            self._loop.call_soon(lambda: limit.__setitem__(0, 0.0))
+            with contextlib.suppress(concurrent.futures.TimeoutError, KeyboardInterrupt):
+                future.result(timeout=2)
+            raise
+        finally:
+            self._loop.stop()
+            self.cache.close()
+
+    async def _shutdown(self, deadline: list[float]) -> None:
+        self._stop_now()
+        in_flight = len(self._sending)
+        while self._sending and time.monotonic() < deadline[0]:
+            await asyncio.sleep(0.02)
+        abandoned = len(self._sending)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._runs:  # calls in progress raise as soon as they wake: let them, then close
+            await asyncio.sleep(0.01)
+        await self._client.close()
+        if in_flight:
+            logger.warning(
+                "teacher at %s stopped: %d answers in flight were cached, %d abandoned after the "
+                "%.0f s grace period (they will be sent again by the next run)",
+                self.endpoint.host,
+                self._drained,
+                abandoned,
+                self.settings.drain_grace_s,
+            )
 
 
 def _to_result(completion: Any, request_id: str | None) -> ChatResult:
@@ -564,11 +864,31 @@ def _to_result(completion: Any, request_id: str | None) -> ChatResult:
 
 _engines: dict[TeacherEndpoint, TeacherEngine] = {}
 _engines_lock = threading.Lock()
+# Set by the first Ctrl-C until close_engines(): no engine may start sending again meanwhile
+# (a Prefect worker thread could otherwise ask for a fresh one while the run shuts down).
+_interrupted = False
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C: every engine stops sending at once, then the usual KeyboardInterrupt.
+
+    Without this, the flow's thread pool would wait for its running tasks, which would go on
+    sending their whole batch, before the CLI's `finally` could close the engines.
+    """
+    global _interrupted
+    _interrupted = True
+    for engine in list(_engines.values()):  # no lock: the interrupted thread may hold it
+        engine.stop()
+    raise KeyboardInterrupt
 
 
 def get_engine(endpoint: TeacherEndpoint) -> TeacherEngine:
     """The process's engine for an endpoint (one client, one cache, one concurrency budget)."""
     with _engines_lock:
+        if _interrupted:
+            raise TeacherInterrupted(
+                "the run was interrupted (Ctrl-C); no teacher request is sent until it has closed."
+            )
         engine = _engines.get(endpoint)
         if engine is None:
             settings = EngineSettings()
@@ -578,7 +898,13 @@ def get_engine(endpoint: TeacherEndpoint) -> TeacherEngine:
                 settings = settings.model_copy(update={"concurrency": 1})
             engine = TeacherEngine(endpoint, settings, api_key=api_key_for(endpoint))
             _engines[endpoint] = engine
-        return engine
+    # Only over Python's own handler, and only where signals can be handled (the main thread).
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        signal.signal(signal.SIGINT, _on_sigint)
+    return engine
 
 
 def api_key_for(endpoint: TeacherEndpoint) -> str:
@@ -605,8 +931,30 @@ def close_engine(endpoint: TeacherEndpoint) -> None:
 
 @atexit.register
 def close_engines() -> None:
-    """Close every engine's client and cache (end of a run, and at exit)."""
+    """Stop every engine, wait up to drain_grace_s for answers in flight (cached), close them.
+
+    Called at the end of a run, after Ctrl-C, and at exit; a second Ctrl-C while it waits
+    raises KeyboardInterrupt at once.
+    """
+    global _interrupted
     with _engines_lock:
-        for engine in _engines.values():
-            engine.close()
+        engines = list(_engines.values())
         _engines.clear()
+    for engine in engines:  # all stop sending at once; then one shared grace period
+        engine.stop()
+    deadline = time.monotonic() + max((e.settings.drain_grace_s for e in engines), default=0.0)
+    try:
+        for engine in engines:
+            engine.close(deadline)
+    finally:
+        _interrupted = False
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is _on_sigint
+        ):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def retry_worthwhile(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a teacher task unless a retry cannot help."""
+    return not isinstance(state.data, (TeacherError, BudgetExceeded))

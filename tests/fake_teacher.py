@@ -38,6 +38,10 @@ class Knobs:
     slots: int = 64  # requests processed at once; the rest queue
     rpm: int | None = None  # requests per minute, sliding 60 s window; over it -> 429
     tpm: int | None = None  # tokens per minute (prompt chars // 4 + max_tokens); over it -> 429
+    # Length of the sliding window that enforces rpm and tpm, pro rata: 60 s allows rpm requests
+    # in any minute; 1 s allows rpm / 60 in any second (providers enforce per-minute limits in
+    # such finer quanta, so a burst at the start of a minute is refused).
+    rate_window: float = 60.0
     fault_rate: float = 0.0  # probability of a fault instead of an answer
     # drop = close the connection, no response; "429" = a rate-limit answer with Retry-After 0.2 s
     faults: tuple[str, ...] = ("500", "503", "drop")
@@ -751,14 +755,15 @@ def _uniform(digest: bytes, salt: str) -> tuple[float, int]:
 
 
 class _Window:
-    """A sliding 60 s window of (time, cost) entries with a running total."""
+    """A sliding window (`length` seconds) of (time, cost) entries with a running total."""
 
     def __init__(self) -> None:
         self.entries: collections.deque[tuple[float, int]] = collections.deque()
         self.total = 0
+        self.length = 60.0
 
     def purge(self, now: float) -> None:
-        while self.entries and self.entries[0][0] <= now - 60.0:
+        while self.entries and self.entries[0][0] <= now - self.length:
             self.total -= self.entries.popleft()[1]
 
     def wait_for(self, room: int, now: float) -> float:
@@ -767,12 +772,12 @@ class _Window:
         for at, cost in self.entries:
             freed += cost
             if freed >= room:
-                return max(0.001, at + 60.0 - now)
-        return 60.0
+                return max(0.001, at + self.length - now)
+        return self.length
 
     def reset(self, now: float) -> float:
         """Seconds until the oldest entry leaves the window (when room next opens up)."""
-        return self.entries[0][0] + 60.0 - now if self.entries else 0.0
+        return self.entries[0][0] + self.length - now if self.entries else 0.0
 
 
 class _Core:
@@ -793,7 +798,13 @@ class _Core:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/_stats", self.stats_view)
         return app
+
+    async def stats_view(self, request: web.Request) -> web.Response:
+        """The counters (Stats.summary) of a server running as its own process."""
+        with self.lock:
+            return web.json_response(self.stats.summary())
 
     async def models(self, request: web.Request) -> web.Response:
         data = [{"id": "fake-teacher", "object": "model", "created": 0, "owned_by": "distillery"}]
@@ -824,10 +835,14 @@ class _Core:
         now = time.monotonic()
         headers: dict[str, str] = {}
         limited: tuple[str, float, str] | None = None
+        share = knobs.rate_window / 60.0
+        rpm = max(1, int(knobs.rpm * share)) if knobs.rpm else 0  # allowed in one window
+        tpm = max(1, int(knobs.tpm * share)) if knobs.tpm else 0
+        self._requests.length = self._tokens.length = knobs.rate_window
         if knobs.rpm:
             self._requests.purge(now)
-            if len(self._requests.entries) + 1 > knobs.rpm:
-                wait = self._requests.wait_for(len(self._requests.entries) + 1 - knobs.rpm, now)
+            if len(self._requests.entries) + 1 > rpm:
+                wait = self._requests.wait_for(len(self._requests.entries) + 1 - rpm, now)
                 limited = (
                     "requests",
                     wait,
@@ -836,11 +851,11 @@ class _Core:
                 )
         if knobs.tpm:
             self._tokens.purge(now)
-            if limited is None and self._tokens.total + cost > knobs.tpm:
+            if limited is None and self._tokens.total + cost > tpm:
                 wait = (
-                    self._tokens.wait_for(self._tokens.total + cost - knobs.tpm, now)
-                    if cost <= knobs.tpm
-                    else 60.0
+                    self._tokens.wait_for(self._tokens.total + cost - tpm, now)
+                    if cost <= tpm
+                    else knobs.rate_window
                 )
                 limited = (
                     "tokens",
@@ -858,12 +873,12 @@ class _Core:
         if knobs.rpm:
             headers["x-ratelimit-limit-requests"] = str(knobs.rpm)
             headers["x-ratelimit-remaining-requests"] = str(
-                max(0, knobs.rpm - len(self._requests.entries))
+                max(0, rpm - len(self._requests.entries))
             )
             headers["x-ratelimit-reset-requests"] = format_duration(self._requests.reset(now))
         if knobs.tpm:
             headers["x-ratelimit-limit-tokens"] = str(knobs.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, knobs.tpm - self._tokens.total))
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, tpm - self._tokens.total))
             headers["x-ratelimit-reset-tokens"] = format_duration(self._tokens.reset(now))
         if limited is None:
             return headers, None
@@ -1137,6 +1152,7 @@ def _parse_args(argv: list[str] | None) -> tuple[Knobs, int]:
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--rpm", type=int, default=None)
     parser.add_argument("--tpm", type=int, default=None)
+    parser.add_argument("--rate-window", type=float, default=60.0, help="seconds (rpm pro rata)")
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--faults", default="500,503,drop", help="comma-separated: 500,503,drop")
     parser.add_argument("--reply", choices=("normal", "prose", "malformed_json"), default="normal")
@@ -1151,6 +1167,7 @@ def _parse_args(argv: list[str] | None) -> tuple[Knobs, int]:
         slots=args.slots,
         rpm=args.rpm,
         tpm=args.tpm,
+        rate_window=args.rate_window,
         fault_rate=args.fault_rate,
         faults=tuple(f.strip() for f in args.faults.split(",") if f.strip()),
         reply=args.reply,

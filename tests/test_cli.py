@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,3 +144,46 @@ def test_run_killed_half_way_resumes_without_resending_and_publishes_200(tmp_pat
         assert third.returncode == 0, output
         assert teacher.stats.received == received
         assert "0 sent" in output
+
+
+def test_max_cost_stops_sending_keeps_answers_and_publishes_nothing(tmp_path: Path) -> None:
+    recipe = tmp_path / "priced.yaml"
+    text = (
+        Path(RECIPE)
+        .read_text()
+        .replace(
+            "seeds_file: stock-advisor-seeds.yaml",
+            f"seeds_file: {REPO / 'recipes' / 'stock-advisor-seeds.yaml'}",
+        )
+    )
+    # $1000 per 1M output tokens: each answer's worst case (768 tokens) is about $0.77.
+    text = text.replace(
+        "teacher:\n",
+        "teacher:\n  price: {input_usd_per_1m: 100, output_usd_per_1m: 1000}\n",
+        1,
+    )
+    recipe.write_text(text)
+    env = cli_env(tmp_path)
+    out = tmp_path / "out"
+    with FakeTeacher(Knobs(latency=0.0)) as teacher:
+        args = ["run", str(recipe), "--examples", "40", "--output", str(out), "--no-train"]
+        args += ["--teacher-base-url", teacher.url, "--teacher-model", "fake"]
+        proc = distillery(*args, "--max-cost", "3", env=env)
+        output, _ = proc.communicate(timeout=300)
+        answered = teacher.stats.answered
+
+        assert proc.returncode == 1, output[-3000:]
+        # Prefect logs the failed flow run with its traceback; the CLI then says what happened.
+        lines = output.splitlines()
+        last = max(i for i, line in enumerate(lines) if line.startswith("Nothing was published"))
+        assert lines[last - 1].startswith("error: ") and "spending cap of $3.00" in lines[last - 1]
+        spent = float(re.search(r"\$([0-9.]+) spent", output).group(1))  # type: ignore[union-attr]
+        assert 0 < spent <= 3 and answered >= 1
+        assert not (out / "stock-advisor" / "LATEST").exists()
+
+        # Every answer received is cached: a higher cap continues without paying for them again.
+        proc = distillery(*args, "--max-cost", "1000", env=env)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+        assert teacher.stats.resent_after_answer == 0
+        assert (out / "stock-advisor" / "LATEST").exists()

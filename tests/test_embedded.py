@@ -77,3 +77,27 @@ def test_embedded_teacher_exits_when_its_parent_is_killed(tmp_path: Path) -> Non
     while answers(url) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not answers(url), "the embedded teacher outlived its killed parent"
+
+
+def test_a_dead_server_fails_the_request_at_once_with_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that died (here: SIGILL, as a build for the wrong CPU does) is not retried."""
+    from tasks.teacher import ChatRequest, TeacherUnavailable, close_engine, get_engine
+
+    monkeypatch.setenv("DISTILLERY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DISTILLERY_PROGRESS", "false")
+    request = ChatRequest(messages=(("user", "Hi"),), temperature=0, top_p=1.0, max_tokens=4)
+    with embedded.embedded_teacher():
+        server = embedded._running
+        assert server is not None and server._process is not None
+        os.kill(server._process.pid, signal.SIGILL)
+        server._process.wait(timeout=30)
+        engine = get_engine(embedded.endpoint())
+        started = time.monotonic()
+        with pytest.raises(TeacherUnavailable, match="killed by SIGILL") as info:
+            engine.complete([request], "probe")
+        assert time.monotonic() - started < 10  # not 8 attempts of backoff
+        assert "make clean setup" in str(info.value)
+        assert engine.totals.retries == 0
+    close_engine(embedded.endpoint())

@@ -95,6 +95,28 @@ def test_requests_are_paced_under_a_learned_rpm_limit_without_429(make_engine) -
         assert elapsed > 12 * 0.25 * 0.9
 
 
+def test_requests_are_paced_under_a_learned_tpm_limit_without_429(make_engine) -> None:  # type: ignore[no-untyped-def]
+    reqs = requests(16)
+    cost = reqs[0].estimated_tokens()  # what the server counts: prompt chars / 4 + max_tokens
+    with FakeTeacher(Knobs(tpm=cost * 240)) as server:  # 240 such requests a minute
+        engine = make_engine(server, concurrency=8)
+        started = time.monotonic()
+        engine.complete(reqs, "t")
+        assert server.stats.rate_limited == 0
+        assert time.monotonic() - started > 12 * 0.25 * 0.9
+
+
+def test_no_burst_before_the_limits_are_known_when_the_server_enforces_them_per_second(
+    make_engine,
+) -> None:  # type: ignore[no-untyped-def]
+    # 600 a minute, enforced as 10 in any second: a first window of 32 at once would see 22
+    # refused; a few probes first, then pacing, see none.
+    with FakeTeacher(Knobs(rpm=600, rate_window=1.0)) as server:
+        engine = make_engine(server, concurrency=32)
+        _, stats = engine.complete(requests(30), "t")
+        assert server.stats.rate_limited == 0 and stats.retries == 0
+
+
 def test_configured_rpm_is_respected_before_any_header(make_engine) -> None:  # type: ignore[no-untyped-def]
     with FakeTeacher() as server:
         engine = make_engine(server, concurrency=8, rpm=600)

@@ -51,8 +51,21 @@ def srv() -> Iterator[FakeTeacher]:
         yield server
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close each test's clients: a pool left to the garbage collector warns of open sockets."""
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def _client(srv: FakeTeacher) -> openai.OpenAI:
-    return openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=10)
+    client = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=10)
+    _clients.append(client)
+    return client
 
 
 def _structured(client: openai.OpenAI, form: str, tag: str = "") -> Any:
@@ -297,3 +310,28 @@ def test_models_endpoint(srv: FakeTeacher) -> None:
     models = _client(srv).models.list()
     assert [m.id for m in models.data] == ["fake-teacher"]
     assert httpx.get(srv.url + "/models").status_code == 200
+
+
+def test_rate_window_enforces_the_per_minute_limit_pro_rata(srv: FakeTeacher) -> None:
+    srv.knobs.rpm, srv.knobs.rate_window = 120, 1.0  # 120 a minute = 2 in any second
+    client = _client(srv)
+    messages: Any = [{"role": "user", "content": ANSWER_USER}]
+    for remaining in ("1", "0"):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=messages)
+        assert raw.headers["x-ratelimit-limit-requests"] == "120"
+        assert raw.headers["x-ratelimit-remaining-requests"] == remaining
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="m", messages=messages)
+    assert 0 < float(caught.value.response.headers["retry-after"]) <= 1.0
+    time.sleep(1.05)
+    client.chat.completions.create(model="m", messages=messages)  # the window moved on
+    assert srv.stats.rate_limited == 1 and srv.stats.answered == 3
+
+
+def test_stats_endpoint_reports_the_counters(srv: FakeTeacher) -> None:
+    client = _client(srv)
+    for _ in range(2):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    stats = httpx.get(srv.url.removesuffix("/v1") + "/_stats").json()
+    assert stats["received"] == 2 and stats["answered"] == 2
+    assert stats["distinct_bodies"] == 1 and stats["resent_after_answer"] == 1

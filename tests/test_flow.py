@@ -38,6 +38,8 @@ def run(
 def variant(tmp_path: Path, **changes: Any) -> str:
     """The shipped recipe with some top-level sections changed."""
     data = yaml.safe_load(Path(RECIPE).read_text())
+    # The copy lives elsewhere: point it at the shipped seeds file, not a relative path.
+    data["seeds_file"] = str(REPO / "recipes" / data["seeds_file"])
     for key, value in changes.items():
         if isinstance(value, dict):
             data[key] = {**data.get(key, {}), **value}
@@ -99,6 +101,24 @@ def test_flow_publishes_a_complete_version_and_rerun_sends_no_request(
     again = run(teacher, out, examples=60)
     assert teacher.stats.received == before
     assert again["requests_sent"] == 0
+
+
+def test_priced_teacher_cost_is_in_the_manifest_and_summary(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    price = {"input_usd_per_1m": 2.5, "output_usd_per_1m": 10.0}
+    recipe = variant(workdir, teacher={"model": "m", "price": price})
+    summary = run(teacher, workdir / "out", examples=20, recipe=recipe)
+    _, manifest = read_version(workdir / "out")
+
+    tokens, cost = manifest["tokens"], manifest["cost"]
+    expected = (tokens["sent_prompt_tokens"] * 2.5 + tokens["sent_completion_tokens"] * 10) / 1e6
+    assert tokens["sent_completion_tokens"] > 0
+    assert cost["usd"] == pytest.approx(expected) and cost["usd"] > 0
+    # The estimate is the worst case the cap is checked against: never below what was paid.
+    assert cost["estimated_usd"] >= cost["usd"]
+    assert cost["price"]["input_usd_per_1m"] == 2.5
+    assert summary["cost_usd"] == pytest.approx(expected)
 
 
 def test_engine_cache_alone_makes_a_rerun_free(workdir: Path, teacher: FakeTeacher) -> None:

@@ -1,0 +1,116 @@
+"""Teacher prices: USD per million tokens for each model, and what a request costs."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import threading
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger("distillery.cost")
+
+
+class Price(BaseModel):
+    """What one model costs at one endpoint, in USD per million tokens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_usd_per_1m: float = Field(ge=0, description="USD per 1M input (prompt) tokens.")
+    output_usd_per_1m: float = Field(ge=0, description="USD per 1M output (completion) tokens.")
+    batch_discount: float = Field(
+        0.5, ge=0, le=1, description="Share taken off in batch mode (OpenAI's Batch API: half)."
+    )
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        """USD for one request's tokens."""
+        usd = (
+            prompt_tokens * self.input_usd_per_1m + completion_tokens * self.output_usd_per_1m
+        ) / 1e6
+        return usd * (1 - self.batch_discount) if batch else usd
+
+
+FREE = Price(input_usd_per_1m=0, output_usd_per_1m=0)
+
+OPENAI_HOST = "api.openai.com"
+
+# OpenAI's standard-tier list prices, USD per 1M (input, output) tokens, from
+# https://platform.openai.com/docs/pricing as summarised in 2026. Cached-input discounts are not
+# modelled, so a cost is an upper bound. A dated snapshot (gpt-4o-mini-2024-07-18, gpt-4-0613)
+# takes its family's price unless listed itself; any other name is unknown: a "-pro" or
+# "-audio" variant must never borrow a cheaper family's price.
+OPENAI_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-5.5": (5.00, 30.00),
+    "gpt-5.5-pro": (30.00, 180.00),
+    "gpt-5.4": (2.50, 15.00),
+    "gpt-5.4-mini": (0.75, 4.50),
+    "gpt-5.4-nano": (0.20, 1.25),
+    "gpt-5.1": (1.25, 10.00),
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-pro": (15.00, 120.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-2024-05-13": (5.00, 15.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "o1": (15.00, 60.00),
+    "o1-pro": (150.00, 600.00),
+    "o3": (2.00, 8.00),
+    "o3-pro": (20.00, 80.00),
+    "o3-mini": (1.10, 4.40),
+    "o4-mini": (1.10, 4.40),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-4": (30.00, 60.00),
+    "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def is_local(host: str) -> bool:
+    """True for an endpoint on this machine or a private network (a server nobody bills for)."""
+    if host in ("embedded", "localhost") or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        # A single-label name (a docker-compose service, a LAN box) is not a public provider.
+        return "." not in host
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def price_for(model: str, host: str, override: Price | None = None) -> Price | None:
+    """The price of `model` at `host`: the override, OpenAI's list price, 0 locally, else None."""
+    if override is not None:
+        return override
+    if host == OPENAI_HOST:
+        listed = OPENAI_PRICES.get(model) or OPENAI_PRICES.get(_SNAPSHOT.sub("", model))
+        if listed is not None:
+            return Price(input_usd_per_1m=listed[0], output_usd_per_1m=listed[1])
+    elif is_local(host):
+        return FREE
+    with _warned_lock:
+        first = (host, model) not in _warned
+        _warned.add((host, model))
+    if first:
+        # Tokens are still counted; the cost is reported as unknown, never as 0.
+        logger.warning(
+            "no price known for model %r at %s: its cost is reported as unknown; set "
+            "teacher.price in the recipe (USD per 1M input and output tokens) to count it",
+            model,
+            host,
+        )
+    return None
+
+
+def format_usd(value: float | None) -> str:
+    """A cost for people: "$0.0123", "$12.50", or "unknown" when a price was missing."""
+    if value is None:
+        return "unknown"
+    return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"
