@@ -1,0 +1,81 @@
+"""The whole job on the embedded default: real SmolLM2 teacher, real (few-step) student training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = REPO / "recipes" / "stock-advisor-demo.yaml"
+
+
+def tiny_recipe(tmp_path: Path) -> Path:
+    """The demo recipe at test size: 4 of its seeds, 6 rows, 2 held out, a 2-step training."""
+    data = yaml.safe_load(DEMO_RECIPE.read_text())
+    seeds = yaml.safe_load((REPO / "recipes" / data.pop("seeds_file")).read_text())
+    data["seeds"] = seeds[:4]
+    data.update(examples=6, validation_fraction=0.34)
+    data["training"]["local"].update(max_steps=2, batch_size=4, samples=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_run_on_the_embedded_default_publishes_and_trains_a_student_that_reloads(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
+        DISTILLERY_MODEL_CACHE=str(model_cache),
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "flows.cli", "run", str(tiny_recipe(tmp_path))]
+    proc = subprocess.run(
+        [*command, "--output", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "the embedded SmolLM2" in output
+
+    dataset = out / "stock-advisor-demo"
+    folder = dataset / (dataset / "LATEST").read_text().strip()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["teacher"]["host"] == "embedded"
+    assert manifest["counts"]["published"]["total"] >= 6
+    training = manifest["training"]
+    assert training["backend"] == "local" and training["status"] == "succeeded"
+    before, after = training["eval_loss_before"], training["eval_loss_after"]
+    assert 0 < before < 20 and 0 < after < 20
+    assert training["improved"] == (after < before)
+    assert f"validation loss: {before:.4f} before, {after:.4f} after" in output
+    assert str(folder / "student" / "model") in output
+    samples = training["metrics"]["samples"]
+    assert len(samples) == 1 and samples[0]["teacher"] and samples[0]["after"]
+
+    # The student is a plain Hugging Face folder: it reloads and answers.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = folder / "student" / "model"
+    assert list(model_dir.glob("*.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Should I buy index funds?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(generated[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text.strip()
