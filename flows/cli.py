@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--train-backend", choices=BACKENDS, help="override the recipe's backend")
     run.add_argument(
+        "--batch",
+        action="store_true",
+        help="send the teacher requests through OpenAI's Batch API (about half the price, "
+        "answered within 24 h; the same command re-attaches to its batches; also "
+        "DISTILLERY_BATCH=1)",
+    )
+    run.add_argument(
         "--max-cost",
         type=float,
         metavar="USD",
@@ -163,9 +170,18 @@ def _run(args: argparse.Namespace) -> int:
         # The engine reads its settings from the environment, in this process and in workers.
         os.environ["DISTILLERY_MAX_COST_USD"] = str(args.max_cost)
 
+    if args.batch:
+        os.environ["DISTILLERY_BATCH"] = "1"
+
     from flows.distill import DistillParams, distill, resolve_endpoint
     from tasks.cost import format_usd, price_for
-    from tasks.teacher import BudgetExceeded, TeacherError, TeacherUnavailable, close_engines
+    from tasks.teacher import (
+        BudgetExceeded,
+        EngineSettings,
+        TeacherError,
+        TeacherUnavailable,
+        close_engines,
+    )
     from tasks.train import TrainingFailed, check_backend
     from tasks.validate import ValidationFailed
 
@@ -183,6 +199,11 @@ def _run(args: argparse.Namespace) -> int:
             backend = params.train_backend or recipe.training.backend
             check_backend(recipe.training.model_copy(update={"backend": backend}))
         endpoint = resolve_endpoint(recipe, params)
+        if endpoint.embedded and EngineSettings().batch:
+            raise TeacherError(
+                "--batch (DISTILLERY_BATCH) needs an endpoint with OpenAI's Batch API; the "
+                "embedded teacher has none: pass --teacher-base-url, or set OPENAI_API_KEY."
+            )
         if (
             args.max_cost is not None
             and price_for(endpoint.model, endpoint.host, endpoint.price) is None

@@ -20,7 +20,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import openai
@@ -30,6 +30,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tasks.cost import Price, format_usd, price_for
+
+if TYPE_CHECKING:
+    from tasks.batch import BatchSender
 
 logger = logging.getLogger("distillery.teacher")
 
@@ -65,6 +68,19 @@ class EngineSettings(BaseSettings):
         10.0,
         ge=0,
         description="On Ctrl-C or close: seconds to wait for answers in flight, to cache them.",
+    )
+    batch: bool = Field(
+        False,
+        description=(
+            "Send uncached requests through OpenAI's Batch API (half price, answered within 24 h) "
+            "instead of chat completions; a restarted run re-attaches to its batches."
+        ),
+    )
+    batch_poll_interval_s: float = Field(
+        30.0, gt=0, description="Batch mode: first wait between two looks at a batch."
+    )
+    batch_max_poll_interval_s: float = Field(
+        300.0, gt=0, description="Batch mode: longest wait between two looks at a batch."
     )
 
 
@@ -452,6 +468,11 @@ class TeacherEngine:
                 f"model {endpoint.model!r} at {endpoint.host} is unknown; set teacher.price in the "
                 "recipe (USD per 1M input and output tokens)."
             )
+        if settings.batch and endpoint.embedded:
+            raise TeacherError(
+                "batch mode (DISTILLERY_BATCH) needs an endpoint with OpenAI's Batch API; the "
+                "embedded teacher has none: unset DISTILLERY_BATCH or pass --teacher-base-url."
+            )
         self.cache = RequestCache(settings.cache_dir / "teacher-cache.sqlite")
         self._api_key = api_key
         self._form: StructuredForm = (
@@ -463,7 +484,7 @@ class TeacherEngine:
         self._semaphore = asyncio.Semaphore(settings.concurrency)
         # State below is touched on the loop thread only (stop() hops onto it).
         self._runs: set[_Run] = set()
-        self._tasks: set[asyncio.Task[tuple[str, ChatResult]]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # fetches, and batches being waited for
         self._sending: set[asyncio.Task[Any]] = set()  # requests on the wire right now
         self._in_flight_usd = 0.0  # estimates of the requests on the wire
         self._over_budget = False
@@ -485,6 +506,11 @@ class TeacherEngine:
         # Everything this engine did in this process: what a run really sent, whatever Prefect's
         # task cache replayed. Updated as answers land, so it also counts a call that was stopped.
         self.totals = CallStats()
+        self._batches: BatchSender | None = None
+        if settings.batch:
+            from tasks.batch import BatchSender
+
+            self._batches = BatchSender(self)
 
     def _progress_add(self, label: str, total: int, completed: int) -> Any:
         """Called on the loop thread only, so the row count needs no lock."""
@@ -570,6 +596,14 @@ class TeacherEngine:
                 run.wake.set()
 
         try:
+            if self._batches is not None:
+                try:
+                    await self._batches.complete(dict(todo), run, done)
+                except _Stopped:
+                    pass  # raised below, saying what was answered
+                except _OverBudget as exc:
+                    run.error = exc
+                todo = []
             for key, req in todo:
                 await window.acquire()
                 if run.error is not None or self._stopping:
@@ -597,7 +631,10 @@ class TeacherEngine:
         if self._stopping:
             # What is still on the wire keeps running: close() waits for it and caches it.
             in_flight = len(run.tasks & self._sending)
-            raise _Stopped(self._stopped_message(label, len(done), len(unique), in_flight))
+            message = self._stopped_message(label, len(done), len(unique), in_flight)
+            if self._batches is not None:
+                message += " Submitted batches run on: the same command re-attaches to them."
+            raise _Stopped(message)
         if isinstance(run.error, _OverBudget):
             raise self._budget_error(label, len(unique) - len(done)) from None
         if run.error is not None:
@@ -823,6 +860,8 @@ class TeacherEngine:
         finally:
             self._loop.stop()
             self.cache.close()
+            if self._batches is not None:
+                self._batches.close()
 
     async def _shutdown(self, deadline: list[float]) -> None:
         self._stop_now()

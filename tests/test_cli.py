@@ -146,23 +146,20 @@ def test_run_killed_half_way_resumes_without_resending_and_publishes_200(tmp_pat
         assert "0 sent" in output
 
 
-def test_max_cost_stops_sending_keeps_answers_and_publishes_nothing(tmp_path: Path) -> None:
+def priced_recipe(tmp_path: Path, input_usd: float, output_usd: float) -> Path:
+    """A copy of the shipped recipe with a teacher price (USD per 1M tokens)."""
+    text = Path(RECIPE).read_text()
+    seeds = str(REPO / "recipes" / "stock-advisor-seeds.yaml")
+    text = text.replace("seeds_file: stock-advisor-seeds.yaml", f"seeds_file: {seeds}")
+    price = f"  price: {{input_usd_per_1m: {input_usd}, output_usd_per_1m: {output_usd}}}\n"
     recipe = tmp_path / "priced.yaml"
-    text = (
-        Path(RECIPE)
-        .read_text()
-        .replace(
-            "seeds_file: stock-advisor-seeds.yaml",
-            f"seeds_file: {REPO / 'recipes' / 'stock-advisor-seeds.yaml'}",
-        )
-    )
+    recipe.write_text(text.replace("teacher:\n", "teacher:\n" + price, 1))
+    return recipe
+
+
+def test_max_cost_stops_sending_keeps_answers_and_publishes_nothing(tmp_path: Path) -> None:
     # $1000 per 1M output tokens: each answer's worst case (768 tokens) is about $0.77.
-    text = text.replace(
-        "teacher:\n",
-        "teacher:\n  price: {input_usd_per_1m: 100, output_usd_per_1m: 1000}\n",
-        1,
-    )
-    recipe.write_text(text)
+    recipe = priced_recipe(tmp_path, 100, 1000)
     env = cli_env(tmp_path)
     out = tmp_path / "out"
     with FakeTeacher(Knobs(latency=0.0)) as teacher:
@@ -187,3 +184,52 @@ def test_max_cost_stops_sending_keeps_answers_and_publishes_nothing(tmp_path: Pa
         assert proc.returncode == 0, output[-3000:]
         assert teacher.stats.resent_after_answer == 0
         assert (out / "stock-advisor" / "LATEST").exists()
+
+
+def test_batch_run_publishes_from_the_batch_api_and_a_rerun_submits_nothing(
+    tmp_path: Path,
+) -> None:
+    from fake_openai_batches import FakeOpenAIBatches
+    from fake_openai_batches import Knobs as BatchKnobs
+
+    env = {
+        **cli_env(tmp_path),
+        "OPENAI_API_KEY": "test-key",
+        "DISTILLERY_BATCH_POLL_INTERVAL_S": "0.1",
+        "DISTILLERY_BATCH_MAX_POLL_INTERVAL_S": "0.5",
+    }
+    recipe = priced_recipe(tmp_path, 1, 2)
+    out = tmp_path / "out"
+    with FakeOpenAIBatches(BatchKnobs(api_key="test-key", batch_seconds=0.5)) as server:
+        args = ["run", str(recipe), "--examples", "30", "--output", str(out), "--no-train"]
+        args += ["--batch", "--teacher-base-url", server.base_url]
+        proc = distillery(*args, env=env)
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+        first = server.stats
+        assert first.batches_created >= 2  # seed answers, expansion, answers of new inputs
+        assert first.submitted_twice == 0
+
+        version = (out / "stock-advisor" / "LATEST").read_text().strip()
+        manifest = json.loads((out / "stock-advisor" / version / "manifest.json").read_text())
+        assert manifest["counts"]["published"]["total"] == 30
+        assert manifest["tokens"]["requests_sent"] == first.rows_submitted
+        # The recipe's price at half (the default batch discount), on what was really sent.
+        tokens = manifest["tokens"]
+        expected = tokens["sent_prompt_tokens"] * 1 + tokens["sent_completion_tokens"] * 2
+        assert manifest["cost"]["usd"] == pytest.approx(expected / 2 / 1e6)
+
+        proc = distillery(*args, env=env)
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+        assert server.stats.batches_created == first.batches_created
+        assert server.stats.rows_submitted == first.rows_submitted
+
+
+def test_batch_with_the_embedded_teacher_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = distillery("run", RECIPE, "--output", str(out), "--batch", env=cli_env(tmp_path))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "--batch" in output and "embedded teacher has none" in output
+    assert not out.exists()
