@@ -174,12 +174,13 @@ def _run(args: argparse.Namespace) -> int:
         os.environ["DISTILLERY_BATCH"] = "1"
 
     from flows.distill import DistillParams, distill, resolve_endpoint
-    from tasks.cost import format_usd, price_for
+    from tasks.cost import format_usd
     from tasks.teacher import (
         BudgetExceeded,
         EngineSettings,
         TeacherError,
         TeacherUnavailable,
+        check_settings,
         close_engines,
     )
     from tasks.train import TrainingFailed, check_backend
@@ -199,20 +200,7 @@ def _run(args: argparse.Namespace) -> int:
             backend = params.train_backend or recipe.training.backend
             check_backend(recipe.training.model_copy(update={"backend": backend}))
         endpoint = resolve_endpoint(recipe, params)
-        if endpoint.embedded and EngineSettings().batch:
-            raise TeacherError(
-                "--batch (DISTILLERY_BATCH) needs an endpoint with OpenAI's Batch API; the "
-                "embedded teacher has none: pass --teacher-base-url, or set OPENAI_API_KEY."
-            )
-        if (
-            args.max_cost is not None
-            and price_for(endpoint.model, endpoint.host, endpoint.price) is None
-        ):
-            raise TeacherError(
-                f"--max-cost needs the price of model {endpoint.model!r} at {endpoint.host}, "
-                "which is unknown: set teacher.price in the recipe (input_usd_per_1m, "
-                "output_usd_per_1m)."
-            )
+        check_settings(endpoint, EngineSettings())  # --max-cost and --batch against it
     except (TeacherError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

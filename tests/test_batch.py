@@ -14,7 +14,7 @@ import pytest
 
 import tasks.batch
 from fake_openai_batches import FakeOpenAIBatches, Knobs
-from fake_teacher import FakeTeacher
+from fake_teacher import FakeTeacher, chat_requests
 from tasks.cost import Price
 from tasks.expand import expansion_schema
 from tasks.teacher import (
@@ -31,18 +31,6 @@ from tasks.teacher import (
 KEY = "test-key"
 MODEL = "gpt-4o-mini"
 MakeEngine = Callable[..., TeacherEngine]
-
-
-def requests(n: int, tag: str = "q") -> list[ChatRequest]:
-    return [
-        ChatRequest(
-            messages=(("user", f"# USER CONTEXT\nInvestor {tag}{i}.\n\n# QUESTION\nBuy {i}?"),),
-            temperature=0.7,
-            top_p=1.0,
-            max_tokens=64,
-        )
-        for i in range(n)
-    ]
 
 
 def assert_in_order(results: list[Any], n: int) -> None:
@@ -92,7 +80,7 @@ def test_batch_answers_land_in_the_cache_in_order_and_are_not_sent_again(
 ) -> None:
     engine = make_engine(server)
 
-    results, stats = engine.complete(requests(12), "answers")
+    results, stats = engine.complete(chat_requests(12), "answers")
 
     assert_in_order(results, 12)
     assert (stats.requests, stats.sent, stats.cached, stats.retries) == (12, 12, 0, 0)
@@ -104,12 +92,13 @@ def test_batch_answers_land_in_the_cache_in_order_and_are_not_sent_again(
     assert batch["endpoint"] == "/v1/chat/completions"
     assert batch["completion_window"] == "24h"
     lines = [json.loads(line) for line in server.input_file(batch["id"]).data.splitlines()]
-    assert [line["custom_id"] for line in lines] == [r.key(engine.endpoint) for r in requests(12)]
+    keys = [r.key(engine.endpoint) for r in chat_requests(12)]
+    assert [line["custom_id"] for line in lines] == keys
     assert {(line["method"], line["url"]) for line in lines} == {("POST", "/v1/chat/completions")}
     assert lines[0]["body"]["model"] == MODEL and lines[0]["body"]["max_tokens"] == 64
     assert [(b, c) for _, b, c in ledger(tmp_path)] == [(batch["id"], 1)]
 
-    again, stats = engine.complete(requests(12), "answers")
+    again, stats = engine.complete(chat_requests(12), "answers")
 
     assert [r.content for r in again] == [r.content for r in results]
     assert (stats.sent, stats.cached) == (0, 12)
@@ -120,7 +109,7 @@ def test_batch_answers_are_the_online_answers_and_the_online_path_finds_them(
     server: FakeOpenAIBatches, make_engine: MakeEngine, tmp_path: Path
 ) -> None:
     reqs = [
-        *requests(3),
+        *chat_requests(3),
         ChatRequest(
             messages=(("user", "Write 2 more examples."),),
             temperature=1.0,
@@ -155,7 +144,7 @@ def test_partly_failed_batch_resubmits_only_the_failed_rows(
 ) -> None:
     server.knobs.row_failure_rate = 0.3
 
-    results, stats = make_engine(server).complete(requests(20), "answers")
+    results, stats = make_engine(server).complete(chat_requests(20), "answers")
 
     assert_in_order(results, 20)
     seen = server.stats
@@ -174,7 +163,7 @@ def test_expired_batch_resubmits_only_the_rows_it_never_answered(
 ) -> None:
     server.knobs.expire_batches = 1
 
-    results, _ = make_engine(server).complete(requests(16), "answers")
+    results, _ = make_engine(server).complete(chat_requests(16), "answers")
 
     assert_in_order(results, 16)
     second, first = server.batches()
@@ -196,7 +185,7 @@ def interrupt_while_in_progress(engine: TeacherEngine, server: FakeOpenAIBatches
 
     def call() -> None:
         try:
-            outcome.append(engine.complete(requests(8), "answers"))
+            outcome.append(engine.complete(chat_requests(8), "answers"))
         except TeacherInterrupted as exc:
             outcome.append(exc)
 
@@ -223,7 +212,7 @@ def test_restarted_engine_reattaches_to_its_batch_and_submits_nothing_new(
     assert batch["status"] not in ("completed", "expired")
     assert [(b, c) for _, b, c in ledger(tmp_path)] == [(batch["id"], 0)]
 
-    results, stats = make_engine(server).complete(requests(8), "answers")
+    results, stats = make_engine(server).complete(chat_requests(8), "answers")
 
     assert_in_order(results, 8)
     assert stats.sent == 0  # nothing new submitted; the answers still came in (and count)
@@ -242,7 +231,7 @@ def test_restart_before_the_batch_id_was_recorded_finds_the_batch_by_its_metadat
     with sqlite3.connect(tmp_path / "cache" / "teacher-cache.sqlite") as db:
         db.execute("UPDATE batches SET batch_id = NULL")
 
-    results, _ = make_engine(server).complete(requests(8), "answers")
+    results, _ = make_engine(server).complete(chat_requests(8), "answers")
 
     assert_in_order(results, 8)
     seen = server.stats
@@ -261,10 +250,10 @@ def test_requests_are_split_into_files_at_the_api_limits(
     if limit == "requests":
         monkeypatch.setattr(tasks.batch, "MAX_REQUESTS", 4)
     else:
-        line = len(engine._batches._line("k" * 64, requests(1)[0]))  # type: ignore[union-attr]
+        line = len(engine._batches._line("k" * 64, chat_requests(1)[0]))  # type: ignore[union-attr]
         monkeypatch.setattr(tasks.batch, "MAX_BYTES", 4 * line + 3)
 
-    results, stats = engine.complete(requests(10), "answers")
+    results, stats = engine.complete(chat_requests(10), "answers")
 
     assert_in_order(results, 10)
     assert stats.sent == 10
@@ -279,12 +268,12 @@ def test_batch_answers_are_priced_at_the_batch_discount(
     price = Price(input_usd_per_1m=2.0, output_usd_per_1m=8.0)
     engine = make_engine(server, price=price)
 
-    results, stats = engine.complete(requests(6), "answers")
+    results, stats = engine.complete(chat_requests(6), "answers")
 
     online = sum(price.cost(r.prompt_tokens, r.completion_tokens) for r in results)
     assert stats.cost_usd == pytest.approx(online / 2)
     assert engine.totals.cost_usd == pytest.approx(online / 2)
-    estimate = sum(price.cost(r.estimated_prompt_tokens(), r.max_tokens) for r in requests(6))
+    estimate = sum(price.cost(r.estimated_prompt_tokens(), r.max_tokens) for r in chat_requests(6))
     assert stats.estimated_cost_usd == pytest.approx(estimate / 2)
 
 
@@ -295,7 +284,7 @@ def test_spending_cap_submits_no_batch_that_could_pass_it(
     engine = make_engine(server, price=price, max_cost_usd=1e-5)
 
     with pytest.raises(BudgetExceeded, match="spending cap"):
-        engine.complete(requests(6), "answers")
+        engine.complete(chat_requests(6), "answers")
     assert server.stats.total == 0
 
 
@@ -304,7 +293,7 @@ def test_server_errors_of_the_batch_api_are_retried_without_duplicate_work(
 ) -> None:
     server.knobs.server_errors = 3
 
-    results, _ = make_engine(server).complete(requests(5), "answers")
+    results, _ = make_engine(server).complete(chat_requests(5), "answers")
 
     assert_in_order(results, 5)
     seen = server.stats
@@ -318,7 +307,7 @@ def test_rows_that_keep_failing_stop_with_the_batch_ids(
     server.knobs.row_failure_rate = 1.0
 
     with pytest.raises(TeacherUnavailable, match="after 2 batch rounds") as info:
-        make_engine(server, max_attempts=2).complete(requests(3), "answers")
+        make_engine(server, max_attempts=2).complete(chat_requests(3), "answers")
 
     ids = [b["id"] for b in server.batches()]
     assert len(ids) == 2

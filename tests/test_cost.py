@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs
+from fake_teacher import FakeTeacher, Knobs, chat_requests
 from tasks.cost import FREE, Price, price_for
 from tasks.teacher import (
     BudgetExceeded,
@@ -29,15 +29,7 @@ MakeEngine = Callable[..., TeacherEngine]
 
 
 def requests(n: int, tag: str = "q", max_tokens: int = 200) -> list[ChatRequest]:
-    return [
-        ChatRequest(
-            messages=(("user", f"# USER CONTEXT\nInvestor {tag}{i}.\n\n# QUESTION\nBuy {i}?"),),
-            temperature=0.7,
-            top_p=1.0,
-            max_tokens=max_tokens,
-        )
-        for i in range(n)
-    ]
+    return chat_requests(n, tag, max_tokens)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs
+from fake_teacher import FakeTeacher, Knobs, chat_requests
 from tasks.expand import run_expansion, seed_inputs
 from tasks.recipe import load_recipe
 from tasks.teacher import (
@@ -23,18 +23,6 @@ from tasks.teacher import (
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-engine-test-key-7f3a"
-
-
-def requests(n: int, tag: str = "q") -> list[ChatRequest]:
-    return [
-        ChatRequest(
-            messages=(("user", f"# USER CONTEXT\nInvestor {tag}{i}.\n\n# QUESTION\nBuy {i}?"),),
-            temperature=0.7,
-            top_p=1.0,
-            max_tokens=64,
-        )
-        for i in range(n)
-    ]
 
 
 @pytest.fixture
@@ -57,10 +45,10 @@ def make_engine(tmp_path: Path) -> Iterator[object]:
 def test_concurrency_is_bounded_and_every_answer_lands_in_the_cache(make_engine) -> None:  # type: ignore[no-untyped-def]
     with FakeTeacher(Knobs(latency=0.02, slots=64)) as server:
         engine = make_engine(server, concurrency=4)
-        results, stats = engine.complete(requests(40), "t")
+        results, stats = engine.complete(chat_requests(40), "t")
         assert server.stats.max_in_flight <= 4
         assert stats.sent == 40 and stats.cached == 0 and len(results) == 40
-        again, stats = engine.complete(requests(40), "t")
+        again, stats = engine.complete(chat_requests(40), "t")
         assert stats.sent == 0 and stats.cached == 40
         assert [r.content for r in again] == [r.content for r in results]
         assert server.stats.received == 40
@@ -69,7 +57,7 @@ def test_concurrency_is_bounded_and_every_answer_lands_in_the_cache(make_engine)
 def test_identical_requests_in_one_call_are_sent_once(make_engine) -> None:  # type: ignore[no-untyped-def]
     with FakeTeacher() as server:
         engine = make_engine(server)
-        results, _ = engine.complete(requests(5) * 3, "t")
+        results, _ = engine.complete(chat_requests(5) * 3, "t")
         assert len(results) == 15 and server.stats.received == 5
 
 
@@ -77,7 +65,7 @@ def test_429_with_retry_after_and_server_faults_are_retried(make_engine) -> None
     knobs = Knobs(fault_rate=0.3, faults=("429", "500", "503", "drop"))
     with FakeTeacher(knobs) as server:
         engine = make_engine(server, concurrency=8)
-        results, stats = engine.complete(requests(60), "t")
+        results, stats = engine.complete(chat_requests(60), "t")
         assert all(r.content for r in results)
         assert server.stats.faults["429"] > 0 and server.stats.faults["drop"] > 0
         assert stats.retries == sum(server.stats.faults.values())
@@ -88,7 +76,7 @@ def test_requests_are_paced_under_a_learned_rpm_limit_without_429(make_engine) -
     with FakeTeacher(Knobs(rpm=240)) as server:
         engine = make_engine(server, concurrency=4)
         started = time.monotonic()
-        engine.complete(requests(16), "t")
+        engine.complete(chat_requests(16), "t")
         elapsed = time.monotonic() - started
         assert server.stats.rate_limited == 0
         # After the first answers teach it 240 RPM (one every 0.25 s), the remaining 12 are paced.
@@ -96,7 +84,7 @@ def test_requests_are_paced_under_a_learned_rpm_limit_without_429(make_engine) -
 
 
 def test_requests_are_paced_under_a_learned_tpm_limit_without_429(make_engine) -> None:  # type: ignore[no-untyped-def]
-    reqs = requests(16)
+    reqs = chat_requests(16)
     cost = reqs[0].estimated_tokens()  # what the server counts: prompt chars / 4 + max_tokens
     with FakeTeacher(Knobs(tpm=cost * 240)) as server:  # 240 such requests a minute
         engine = make_engine(server, concurrency=8)
@@ -113,7 +101,7 @@ def test_no_burst_before_the_limits_are_known_when_the_server_enforces_them_per_
     # refused; a few probes first, then pacing, see none.
     with FakeTeacher(Knobs(rpm=600, rate_window=1.0)) as server:
         engine = make_engine(server, concurrency=32)
-        _, stats = engine.complete(requests(30), "t")
+        _, stats = engine.complete(chat_requests(30), "t")
         assert server.stats.rate_limited == 0 and stats.retries == 0
 
 
@@ -121,7 +109,7 @@ def test_configured_rpm_is_respected_before_any_header(make_engine) -> None:  # 
     with FakeTeacher() as server:
         engine = make_engine(server, concurrency=8, rpm=600)
         started = time.monotonic()
-        engine.complete(requests(11), "t")
+        engine.complete(chat_requests(11), "t")
         assert time.monotonic() - started > 10 * 0.1 * 0.9
 
 
@@ -134,7 +122,7 @@ def test_client_errors_fail_fast_with_the_fix_and_no_retry(
     with FakeTeacher(Knobs(status=status)) as server:
         engine = make_engine(server, concurrency=2)
         with pytest.raises(TeacherError, match=str(status)) as info:
-            engine.complete(requests(10), "t")
+            engine.complete(chat_requests(10), "t")
         assert hint in str(info.value)
         assert KEY not in str(info.value)  # the key is never echoed
         assert server.stats.received <= 2
@@ -144,7 +132,7 @@ def test_persistent_server_errors_give_up_with_a_clear_message(make_engine) -> N
     with FakeTeacher(Knobs(fault_rate=1.0, faults=("503",))) as server:
         engine = make_engine(server, concurrency=1, max_attempts=3)
         with pytest.raises(TeacherUnavailable, match="still failed after 3 attempts"):
-            engine.complete(requests(1), "t")
+            engine.complete(chat_requests(1), "t")
         assert server.stats.received == 3
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs
+from fake_teacher import FakeTeacher, Knobs, chat_requests
 from tasks.teacher import (
-    ChatRequest,
     EngineSettings,
     TeacherEndpoint,
     TeacherEngine,
@@ -26,18 +25,6 @@ RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 CONCURRENCY = 8
 GRACE_S = 10.0
-
-
-def requests(n: int) -> list[ChatRequest]:
-    return [
-        ChatRequest(
-            messages=(("user", f"# USER CONTEXT\nInvestor {i}.\n\n# QUESTION\nBuy {i}?"),),
-            temperature=0.7,
-            top_p=1.0,
-            max_tokens=64,
-        )
-        for i in range(n)
-    ]
 
 
 def engine_for(server: FakeTeacher, cache: Path, **settings: object) -> TeacherEngine:
@@ -61,7 +48,7 @@ def test_close_stops_sending_and_caches_the_answers_in_flight(tmp_path: Path) ->
 
         def worker() -> None:  # a Prefect task thread, blocked in complete()
             try:
-                engine.complete(requests(40), "answer batch")
+                engine.complete(chat_requests(40), "answer batch")
             except BaseException as exc:  # the test inspects what it was
                 raised.append(exc)
 
@@ -79,7 +66,7 @@ def test_close_stops_sending_and_caches_the_answers_in_flight(tmp_path: Path) ->
 
         again = engine_for(server, tmp_path, concurrency=40)
         try:
-            _, stats = again.complete(requests(40), "answer batch")
+            _, stats = again.complete(chat_requests(40), "answer batch")
         finally:
             again.close()
         assert stats.cached == 4 and stats.sent == 36
@@ -93,7 +80,7 @@ def test_a_second_ctrl_c_while_draining_forces_the_close(tmp_path: Path) -> None
 
         def call() -> None:
             try:
-                engine.complete(requests(4), "t")
+                engine.complete(chat_requests(4), "t")
             except BaseException as exc:  # the test inspects what it was
                 raised.append(exc)
 
