@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -46,6 +47,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--train-backend", choices=BACKENDS, help="override the recipe's backend")
     run.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="build from the seeds alone instead of refreshing the last published version "
+        "(LATEST); answers already received still come from the request cache",
+    )
+    run.add_argument(
+        "--review",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pause for a human review before LATEST moves and training starts (default: the "
+        "recipe's review.enabled); needs a Prefect server (PREFECT_API_URL)",
+    )
+    run.add_argument(
+        "--notify",
+        metavar="BLOCK",
+        help="notification block told about a failed run, as block-type/name (e.g. "
+        "slack-webhook/nightly; also DISTILLERY_NOTIFY_BLOCK)",
+    )
+    run.add_argument(
         "--batch",
         action="store_true",
         help="send the teacher requests through OpenAI's Batch API (about half the price, "
@@ -65,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         "version", help="version folder (<output>/<dataset>/<version>) or dataset folder (LATEST)"
     )
     train.add_argument("--backend", choices=BACKENDS, help="override the recorded backend")
+
+    review = sub.add_parser("review", help="answer a run paused for review (approve / reject)")
+    review.add_argument("flow_run_id", help="the paused flow run's id (in its log and the UI)")
+    review.add_argument("decision", choices=("approve", "reject"))
+    review.add_argument("--comment", default="", help="why (kept in the version's manifest)")
 
     teacher = sub.add_parser("teacher", help="the embedded teacher")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True)
@@ -87,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "review":
+            return _review(args)
         return _run(args)
     except KeyboardInterrupt:
         print("interrupted: stopped (answers already received are in the cache)", file=sys.stderr)
@@ -115,6 +142,25 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return _print_training(outcome)
+
+
+def _review(args: argparse.Namespace) -> int:
+    from flows.review import answer_review
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "error: set PREFECT_API_URL to the server the paused run lives on (the local "
+            "stack prints it: `distillery stack status`).",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    try:
+        answer_review(args.flow_run_id, args.decision, args.comment)
+    except Exception as exc:  # a wrong id, a run that is not paused, a server that is down
+        print(f"error: could not resume flow run {args.flow_run_id}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"flow run {args.flow_run_id}: {args.decision} sent")
+    return 0
 
 
 def _print_training(outcome: dict[str, Any]) -> int:
@@ -194,7 +240,20 @@ def _run(args: argparse.Namespace) -> int:
         teacher_base_url=args.teacher_base_url,
         train=not args.no_train,
         train_backend=args.train_backend,
+        refresh=not args.from_scratch,
+        review=args.review,
+        notify=args.notify,
     )
+    if (recipe.review.enabled if args.review is None else args.review) and not os.environ.get(
+        "PREFECT_API_URL"
+    ):
+        print(
+            f"error: {args.recipe} asks for a review (review.enabled), which needs a Prefect "
+            "server a reviewer can reach: start the local stack (`distillery stack up`) and "
+            "run the adhoc deployment, or pass --no-review.",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     try:  # before any stage: a bad setting sends nothing and writes nothing
         if params.train:
             backend = params.train_backend or recipe.training.backend
@@ -210,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
             "OPENAI_API_KEY is set); a small model, for trying distillery out."
         )
     try:
-        summary = distill(params)
+        summary = distill(**dataclasses.asdict(params))
     except TeacherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -230,8 +289,14 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         close_engines()
-    counts = summary["published"]
+    counts = summary["published"] or {}
     print()
+    if summary["outcome"] == "unchanged":
+        print(
+            f"unchanged: {summary['uri']} already holds this content; nothing published, no "
+            f"student trained ({summary['requests_sent']} teacher requests sent)."
+        )
+        return 0
     print(f"dataset: {summary['uri']}")
     print(
         f"rows: {counts['total']} (train {counts['train']}, validation {counts['validation']}); "
@@ -245,6 +310,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"rejected at {stage}: {listed} (see rejected.parquet)")
     for line in summary["shortfall"]:
         print(f"note: {line}")
+    if summary["outcome"] == "rejected in review":
+        review = summary.get("review") or {}
+        print(f"rejected in review: {review.get('comment') or 'no comment'}; LATEST not moved")
+        return EXIT_FAILED
     if summary.get("training"):
         return _print_training(summary["training"])
     return 0

@@ -8,22 +8,41 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.assets import Asset, AssetProperties, materialize
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from flows import artifacts
+from flows.artifacts import asset_key
+from flows.notify import notify_failure
+from flows.review import review_gate
 from tasks import embedded
 from tasks.answer import AnswerResult, answer_inputs
-from tasks.cost import format_usd, price_for
-from tasks.expand import expand_inputs, seed_inputs
-from tasks.export import assemble_candidates, code_version, publish_dataset
+from tasks.cost import price_for
+from tasks.expand import INPUT_COLUMNS, expand_inputs, seed_inputs
+from tasks.export import (
+    PublishedVersion,
+    assemble_candidates,
+    code_version,
+    point_latest,
+    publish_dataset,
+    update_manifest,
+)
 from tasks.recipe import Recipe, load_recipe, target_size
+from tasks.refresh import (
+    Previous,
+    RefreshPlan,
+    answer_fingerprint,
+    content_fingerprint,
+    plan_refresh,
+    read_latest,
+)
 from tasks.teacher import CallStats, TeacherEndpoint, TeacherError, api_key_for, get_engine
 from tasks.train import train_student
 from tasks.validate import ValidationReport, validate_dataset
@@ -33,35 +52,24 @@ EMBEDDED = "embedded"  # the teacher_base_url value that asks for the embedded t
 # Top-up cycles: when answers are rejected, expansion runs again for the missing rows.
 MAX_CYCLES = 4
 
+TrainBackend = Literal["local", "openai", "prefect"]
 
-class DistillParams(BaseModel):
-    """Parameters of one distill run (rendered as a form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class DistillParams:
+    """The distill flow's parameters in one value (described on the flow's signature)."""
 
-    recipe: str = Field(description="Path or fsspec URI (s3://...) of the recipe YAML file.")
-    examples: int | None = Field(
-        None, ge=1, description="Target dataset size, seeds included; default: the recipe's."
-    )
-    output: str = Field(
-        "./out", description="Where versions are published: a local folder or an s3:// URI."
-    )
-    teacher_model: str | None = Field(None, description="Override the recipe's teacher model.")
-    teacher_base_url: str | None = Field(
-        None,
-        description=(
-            "OpenAI-compatible endpoint of the teacher, or 'embedded'; default: the recipe's, "
-            "else OPENAI_BASE_URL, else OpenAI's API if OPENAI_API_KEY is set, else the "
-            "embedded SmolLM2 teacher on 127.0.0.1."
-        ),
-    )
-    answer_batch_size: int = Field(
-        500, ge=1, description="Inputs per answer task (the unit Prefect caches and retries)."
-    )
-    train: bool = Field(True, description="Train a student on the published version.")
-    train_backend: Literal["local", "openai", "prefect"] | None = Field(
-        None, description="Override the recipe's training backend (local, openai, prefect)."
-    )
+    recipe: str
+    examples: int | None = None
+    output: str = "./out"
+    teacher_model: str | None = None
+    teacher_base_url: str | None = None
+    answer_batch_size: int = 500
+    train: bool = True
+    train_backend: TrainBackend | None = None
+    review: bool | None = None
+    refresh: bool = True
+    notify: str | None = None
 
 
 def resolve_endpoint(recipe: Recipe, params: DistillParams) -> TeacherEndpoint:
@@ -92,17 +100,14 @@ def teacher_session(endpoint: TeacherEndpoint) -> AbstractContextManager[object]
     return embedded.embedded_teacher() if endpoint.embedded else nullcontext()
 
 
-@task(name="load-recipe", cache_policy=NO_CACHE)
+@task(name="load-recipe", task_run_name="load-recipe", cache_policy=NO_CACHE)
 def load_recipe_task(uri: str) -> Recipe:
     """Read and check the recipe."""
     return load_recipe(uri)
 
 
 def _run_name() -> str:
-    params = flow_run.parameters.get("params")
-    recipe = (
-        params.recipe if isinstance(params, DistillParams) else dict(params or {}).get("recipe")
-    )
+    recipe = flow_run.parameters.get("recipe")
     stem = Path(str(recipe or "recipe")).stem
     return f"{stem}-{datetime.now(UTC):%Y-%m-%d-%H%M}"
 
@@ -123,7 +128,7 @@ def _answer_all(
 class Generation:
     """What the teacher stages produced for one run."""
 
-    answered: pd.DataFrame  # every answered input; `status` says if its answer was kept
+    answered: pd.DataFrame  # every input answered now; `status` says if its answer was kept
     rejected_inputs: list[pd.DataFrame] = field(default_factory=list)
     expansion: Counter[str] = field(default_factory=Counter)
     expansion_rejects: Counter[str] = field(default_factory=Counter)
@@ -138,40 +143,59 @@ class Generation:
         return max(0, self.requests - (self.this_run.sent - self.this_run.retries))
 
 
-def generate(recipe: Recipe, endpoint: TeacherEndpoint, target: int, batch_size: int) -> Generation:
-    """Answer the seeds, then expand and answer until `target` answers are kept."""
+def _accepted(result: AnswerResult) -> int:
+    return int((result.rows["status"] == "accepted").sum())
+
+
+def teacher_needed(plan: RefreshPlan) -> bool:
+    """False when LATEST already has everything: the teacher is not even started."""
+    return len(plan.to_answer) > 0 or len(plan.kept) < plan.goal
+
+
+def generate(
+    recipe: Recipe, endpoint: TeacherEndpoint, plan: RefreshPlan, batch_size: int
+) -> Generation:
+    """Answer what the plan lists, then expand and answer until the plan's goal is reached."""
+    out = Generation(answered=pd.DataFrame())
+    if not teacher_needed(plan):
+        return out
     engine = get_engine(endpoint)
     before = dataclasses.replace(engine.totals)
     started = time.monotonic()
     stats = CallStats()
-    out = Generation(answered=pd.DataFrame())
-    inputs = seed_inputs(recipe)
-    answered = _answer_all(recipe, endpoint, inputs, 0, batch_size)
-    for cycle in range(1, MAX_CYCLES + 1):
-        kept = sum(int((a.rows["status"] == "accepted").sum()) for a in answered)
-        if kept >= target:
-            break
-        expansion = expand_inputs(recipe, endpoint, inputs, target - kept, cycle)
-        stats.add(expansion.stats)
-        out.expansion.update(
-            requests=expansion.requests,
-            rounds=expansion.rounds,
-            parsed=expansion.parsed,
-            accepted=len(expansion.accepted),
-            surplus=expansion.surplus,
-        )
-        out.expansion_rejects.update(expansion.rejects)
-        if len(expansion.rejected):
-            out.rejected_inputs.append(expansion.rejected)
-        if expansion.shortfall:
-            out.shortfall.append(expansion.shortfall)
-        if expansion.accepted.empty:
-            break
-        inputs = pd.concat([inputs, expansion.accepted], ignore_index=True)
-        answered += _answer_all(recipe, endpoint, expansion.accepted, cycle, batch_size)
+    inputs = pd.concat([plan.kept[INPUT_COLUMNS], plan.to_answer], ignore_index=True)
+    answered: list[AnswerResult] = []
+    with artifacts.TeacherProgress(engine, plan.goal):
+        if len(plan.to_answer):
+            answered += _answer_all(recipe, endpoint, plan.to_answer, 0, batch_size)
+        for cycle in range(1, MAX_CYCLES + 1):
+            kept = len(plan.kept) + sum(_accepted(a) for a in answered)
+            if kept >= plan.goal:
+                break
+            expansion = expand_inputs(
+                recipe, endpoint, inputs, plan.goal - kept, cycle, plan.focus, plan.salt
+            )
+            stats.add(expansion.stats)
+            out.expansion.update(
+                requests=expansion.requests,
+                rounds=expansion.rounds,
+                parsed=expansion.parsed,
+                accepted=len(expansion.accepted),
+                surplus=expansion.surplus,
+            )
+            out.expansion_rejects.update(expansion.rejects)
+            if len(expansion.rejected):
+                out.rejected_inputs.append(expansion.rejected)
+            if expansion.shortfall:
+                out.shortfall.append(expansion.shortfall)
+            if expansion.accepted.empty:
+                break
+            inputs = pd.concat([inputs, expansion.accepted], ignore_index=True)
+            answered += _answer_all(recipe, endpoint, expansion.accepted, cycle, batch_size)
     for a in answered:
         stats.add(a.stats)
-    out.answered = pd.concat([a.rows for a in answered], ignore_index=True)
+    if answered:
+        out.answered = pd.concat([a.rows for a in answered], ignore_index=True)
     out.requests = stats.requests
     out.this_run = engine.totals.since(before)
     out.seconds = round(time.monotonic() - started, 2)
@@ -183,6 +207,7 @@ def build_manifest(
     recipe: Recipe,
     params: DistillParams,
     endpoint: TeacherEndpoint,
+    plan: RefreshPlan,
     generation: Generation,
     candidates: pd.DataFrame,
     report: ValidationReport,
@@ -191,27 +216,33 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Everything a reader of a version needs to know about how it was made."""
     kept = candidates[candidates["status"] == "accepted"]
-    answer_rejects = Counter(candidates.loc[candidates["status"] == "rejected", "reason"])
+    new = candidates[candidates["run_id"] == run_id]
+    answer_rejects = Counter(new.loc[new["status"] == "rejected", "reason"])
     return {
         "dataset": recipe.name,
         "run_id": run_id,
         "created_at": datetime.now(UTC).isoformat(),
         "code_version": code_version(),
         "recipe": {"uri": params.recipe, "hash": recipe.content_hash(), "examples_target": target},
+        "seeds": {"ids": list(seed_inputs(recipe)["id"])},
         "teacher": {
             "model": endpoint.model,
             "host": endpoint.host,
             "structured_output": generation.structured_form,
             **({"gguf": embedded.GGUF_FILE} if endpoint.embedded else {}),
         },
+        "answer_fingerprint": answer_fingerprint(recipe, endpoint),
+        "content_fingerprint": content_fingerprint(kept),
+        "refresh": plan.to_dict(),
         "random_seed": recipe.random_seed,
         "training_config": recipe.training.model_dump(),
         "counts": {
             "seeds": len(recipe.seeds),
+            "kept_from_previous": len(plan.kept),
             "expansion": {**generation.expansion, "rejected": dict(generation.expansion_rejects)},
             "answers": {
-                "answered": len(candidates),
-                "accepted": len(kept),
+                "answered": len(new),
+                "accepted": int((new["status"] == "accepted").sum()),
                 "rejected": dict(answer_rejects),
             },
         },
@@ -242,33 +273,145 @@ def build_manifest(
     name="distill",
     flow_run_name=_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+    on_failure=[notify_failure],
 )
-def distill(params: DistillParams) -> dict[str, Any]:
+def distill(
+    recipe: Annotated[
+        str, Field(description="Path or fsspec URI (s3://...) of the recipe YAML file.")
+    ],
+    examples: Annotated[
+        int | None,
+        Field(ge=1, description="Target dataset size, seeds included; default: the recipe's."),
+    ] = None,
+    output: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="Where versions are published: a local folder or an s3:// URI.",
+        ),
+    ] = "./out",
+    teacher_model: Annotated[
+        str | None, Field(description="Override the recipe's teacher model.")
+    ] = None,
+    teacher_base_url: Annotated[
+        str | None,
+        Field(
+            description=(
+                "OpenAI-compatible endpoint of the teacher, or 'embedded'; default: the "
+                "recipe's, else OPENAI_BASE_URL, else OpenAI's API if OPENAI_API_KEY is set, "
+                "else the embedded SmolLM2 teacher on 127.0.0.1."
+            )
+        ),
+    ] = None,
+    answer_batch_size: Annotated[
+        int, Field(ge=1, description="Inputs per answer task (the unit Prefect caches, retries).")
+    ] = 500,
+    train: Annotated[bool, Field(description="Train a student on the published version.")] = True,
+    train_backend: Annotated[
+        TrainBackend | None,
+        Field(description="Override the recipe's training backend (local, openai, prefect)."),
+    ] = None,
+    review: Annotated[
+        bool | None,
+        Field(
+            description=(
+                "Pause for a human review (approve / reject) before LATEST moves and training "
+                "starts; default: the recipe's review.enabled."
+            )
+        ),
+    ] = None,
+    refresh: Annotated[
+        bool,
+        Field(
+            description=(
+                "Start from the recipe's last published version (LATEST): keep its examples, "
+                "generate and answer only what is missing. False: build from the seeds alone."
+            )
+        ),
+    ] = True,
+    notify: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Notification block that hears about a failed run, as 'block-type/name' "
+                "(e.g. slack-webhook/nightly); default: DISTILLERY_NOTIFY_BLOCK."
+            )
+        ),
+    ] = None,
+) -> dict[str, Any]:
     """Build and publish one dataset version from a recipe."""
+    params = DistillParams(
+        recipe=recipe,
+        examples=examples,
+        output=output,
+        teacher_model=teacher_model,
+        teacher_base_url=teacher_base_url,
+        answer_batch_size=answer_batch_size,
+        train=train,
+        train_backend=train_backend,
+        review=review,
+        refresh=refresh,
+        notify=notify,
+    )
+    return _distill(params)
+
+
+def _distill(params: DistillParams) -> dict[str, Any]:
     started = time.monotonic()
+    log = get_run_logger()
     recipe = load_recipe_task(params.recipe)
     endpoint = resolve_endpoint(recipe, params)
     target = target_size(recipe, params.recipe, params.examples)
     run_id = str(flow_run.get_id() or "local")
-    with teacher_session(endpoint):
-        generation = generate(recipe, endpoint, target, params.answer_batch_size)
-    candidates = assemble_candidates(generation.answered, recipe, run_id)
+    previous = read_previous(params.output, recipe.name) if params.refresh else None
+    plan = plan_refresh(recipe, previous, answer_fingerprint(recipe, endpoint), target)
+    if previous is not None:
+        log.info(
+            "refreshing %s: %d rows kept, %d inputs to answer, goal %d rows",
+            previous.uri, len(plan.kept), len(plan.to_answer), plan.goal,
+        )  # fmt: skip
+    session = teacher_session(endpoint) if teacher_needed(plan) else nullcontext()
+    with session:
+        generation = generate(recipe, endpoint, plan, params.answer_batch_size)
+    candidates = assemble_candidates(generation.answered, recipe, run_id, plan.kept)
     report = validate_dataset(
         candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
         recipe.name, run_id,
     )  # fmt: skip
     manifest = build_manifest(
-        recipe, params, endpoint, generation, candidates, report, run_id, target
+        recipe, params, endpoint, plan, generation, candidates, report, run_id, target
     )
+    timings = {"teacher": generation.seconds, "validate": report.seconds}
+    dataset = candidates[candidates["status"] == "accepted"]
+    if previous is not None and manifest["content_fingerprint"] == _fingerprint_of(previous):
+        log.info(
+            "nothing changed since %s (%d teacher requests sent): nothing published, no training",
+            previous.version, generation.this_run.sent,
+        )  # fmt: skip
+        summary = _summary(manifest, generation, "unchanged", started, timings)
+        summary.update(
+            uri=previous.uri,
+            version=previous.version,
+            published=previous.manifest.get("counts", {}).get("published"),
+        )
+        artifacts.summary(recipe, summary, manifest)
+        return summary
     rejected = pd.concat(
         [
             *generation.rejected_inputs,
-            candidates[candidates["status"] == "rejected"].assign(stage="answer"),
+            candidates[
+                (candidates["status"] == "rejected") & (candidates["run_id"] == run_id)
+            ].assign(stage="answer"),
         ],
         ignore_index=True,
     )
-    published = publish_dataset(params.output, recipe, candidates, rejected, manifest)
-    get_run_logger().info(
+    review = recipe.review.enabled if params.review is None else params.review
+    t0 = time.monotonic()
+    published = publish_version(
+        params.output, recipe, candidates, rejected, manifest, move_latest=not review
+    )
+    timings["publish"] = round(time.monotonic() - t0, 2)
+    log.info(
         "published %s: %d rows (train %d, validation %d); %d teacher requests sent",
         published.uri,
         published.counts["total"],
@@ -276,24 +419,27 @@ def distill(params: DistillParams) -> dict[str, Any]:
         published.counts["validation"],
         generation.this_run.sent,
     )
-    summary = {
-        "uri": published.uri,
-        "version": published.version,
-        "published": published.counts,
-        "answer_rejects": manifest["counts"]["answers"]["rejected"],
-        "expansion_rejects": dict(generation.expansion_rejects),
-        "requests": generation.requests,
-        "requests_sent": generation.this_run.sent,
-        "requests_cached": generation.requests_cached,
-        "cost_usd": generation.this_run.cost_usd,
-        "shortfall": generation.shortfall,
-        "seconds": round(time.monotonic() - started, 2),
-    }
-    create_markdown_artifact(
-        key="dataset-summary",
-        markdown=_summary_markdown(recipe, summary),
-        description=f"{recipe.name} {published.version}",
-    )
+    outcome = "awaiting review" if review else "published"
+    summary = _summary(manifest, generation, outcome, started, timings)
+    summary.update(uri=published.uri, version=published.version, published=published.counts)
+    artifacts.sample(recipe, dataset, published.version)
+    artifacts.dataset_link(recipe, published.uri, published.version)
+    artifacts.summary(recipe, summary, manifest)
+    if review:
+        decision = review_gate(recipe, published.uri, summary)
+        update_manifest(published.uri, "review", decision)
+        summary["review"] = decision
+        if decision["decision"] != "approved":
+            summary["outcome"] = "rejected in review"
+            log.warning(
+                "%s was rejected in review (%s): LATEST stays where it was; no training",
+                published.version, decision.get("comment") or "no comment",
+            )  # fmt: skip
+            artifacts.summary(recipe, summary, manifest)
+            return summary
+        point_latest(params.output, recipe.name, published.version)
+        summary["outcome"] = "published"
+        artifacts.summary(recipe, summary, manifest)
     if params.train:
         settings = recipe.training
         if params.train_backend is not None:
@@ -302,28 +448,72 @@ def distill(params: DistillParams) -> dict[str, Any]:
     return summary
 
 
+@task(name="read-latest", task_run_name="read-latest", cache_policy=NO_CACHE)
+def read_previous(output: str, dataset: str) -> Previous | None:
+    """The recipe's last published version, the start of a refresh."""
+    return read_latest(output, dataset)
+
+
+def publish_version(
+    output: str,
+    recipe: Recipe,
+    candidates: pd.DataFrame,
+    rejected: pd.DataFrame,
+    manifest: dict[str, Any],
+    move_latest: bool,
+) -> PublishedVersion:
+    """The publish task, recorded as a materialization of the dataset's Prefect asset."""
+    deps: list[Asset | str] = [k for k in (asset_key(manifest["recipe"]["uri"]),) if k]
+    key = asset_key(f"{output.rstrip('/')}/{recipe.name}")
+    task_ = publish_dataset
+    if key:
+        asset = Asset(
+            key=key,
+            properties=AssetProperties(
+                name=f"{recipe.name} dataset", description=recipe.description or None
+            ),
+        )
+        task_ = materialize(
+            asset,
+            name="publish",
+            task_run_name="publish",
+            cache_policy=NO_CACHE,
+            asset_deps=deps,
+        )(publish_dataset.fn)
+    return task_(output, recipe, candidates, rejected, manifest, move_latest)
+
+
+def _fingerprint_of(previous: Previous) -> str:
+    return str(previous.manifest.get("content_fingerprint") or content_fingerprint(previous.rows))
+
+
+def _summary(
+    manifest: dict[str, Any],
+    generation: Generation,
+    outcome: str,
+    started: float,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    counts = manifest.get("counts", {})
+    return {
+        "outcome": outcome,
+        "flow_run_id": manifest["run_id"],
+        "uri": manifest.get("uri"),
+        "version": manifest.get("version"),
+        "published": counts.get("published"),
+        "answer_rejects": counts.get("answers", {}).get("rejected", {}),
+        "expansion_rejects": dict(generation.expansion_rejects),
+        "requests": generation.requests,
+        "requests_sent": generation.this_run.sent,
+        "requests_cached": generation.requests_cached,
+        "cost_usd": generation.this_run.cost_usd,
+        "estimated_cost_usd": generation.this_run.estimated_cost_usd,
+        "shortfall": generation.shortfall,
+        "timings_s": timings,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
 def _price(endpoint: TeacherEndpoint) -> dict[str, float] | None:
     price = price_for(endpoint.model, endpoint.host, endpoint.price)
     return price.model_dump() if price else None
-
-
-def _summary_markdown(recipe: Recipe, summary: dict[str, Any]) -> str:
-    counts = summary["published"]
-    lines = [
-        f"# {recipe.name} `{summary['version']}`",
-        "",
-        f"Published to `{summary['uri']}`.",
-        "",
-        "| what | count |",
-        "|---|---|",
-        f"| rows | {counts['total']} |",
-        f"| train | {counts['train']} |",
-        f"| validation | {counts['validation']} |",
-        f"| teacher requests sent | {summary['requests_sent']} |",
-        f"| teacher requests from cache | {summary['requests_cached']} |",
-        f"| teacher cost (USD) | {format_usd(summary['cost_usd'])} |",
-        *(f"| rejected at expansion: {k} | {v} |" for k, v in summary["expansion_rejects"].items()),
-        *(f"| rejected at answer: {k} | {v} |" for k, v in summary["answer_rejects"].items()),
-    ]
-    lines += [f"\n> {s}" for s in summary["shortfall"]]
-    return "\n".join(lines)

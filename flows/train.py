@@ -7,6 +7,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.notify import notify_failure
 from tasks.recipe import TrainingSettings
 from tasks.train import resolve_version, train_student
 
@@ -46,7 +47,7 @@ def training_settings(manifest: dict[str, Any], backend: str | None) -> Training
     return settings
 
 
-@flow(name="train", flow_run_name=_run_name)
+@flow(name="train", flow_run_name=_run_name, on_failure=[notify_failure])
 def train(params: TrainParams) -> dict[str, Any]:
     """Train the student on a published dataset version and record the outcome in it."""
     version = resolve_version(params.version)

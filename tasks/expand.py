@@ -221,13 +221,26 @@ def seed_inputs(recipe: Recipe) -> pd.DataFrame:
 
 
 def run_expansion(
-    recipe: Recipe, endpoint: TeacherEndpoint, existing: pd.DataFrame, want: int, cycle: int
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    existing: pd.DataFrame,
+    want: int,
+    cycle: int,
+    focus: tuple[str, ...] = (),
+    salt: str = "",
 ) -> ExpansionResult:
-    """Rounds of expansion until `want` new inputs are accepted or the round cap is reached."""
+    """Rounds of expansion until `want` new inputs are accepted or the round cap is reached.
+
+    `focus`: seed ids of which every request shows one (seeds added since the last version).
+    `salt`: sets the sampling of shown seeds apart from earlier runs (a refresh's previous
+    version), so a refresh does not ask the requests that made the rows it already has.
+    """
     cfg = recipe.expansion
     engine = get_engine(endpoint)
     seeds = seed_inputs(recipe)
     seed_pairs = list(zip(seeds["id"], seeds["user_context"], seeds["question"], strict=True))
+    focus_pairs = [p for p in seed_pairs if p[0] in set(focus)]
+    prefix = f"{recipe.random_seed}/{salt}" if salt else f"{recipe.random_seed}"
     index = NearDuplicateIndex(cfg.near_duplicate_threshold)
     known: set[str] = set()
     for rid, ctx, q in zip(
@@ -245,8 +258,14 @@ def run_expansion(
         n_requests = max(1, math.ceil(missing * 1.25 / m))
         requests, shown_ids = [], []
         for i in range(n_requests):
-            rng = random.Random(f"{recipe.random_seed}/{cycle}/{result.rounds}/{i}")
-            picked = rng.sample(seed_pairs, min(cfg.seeds_per_request, len(seed_pairs)))
+            rng = random.Random(f"{prefix}/{cycle}/{result.rounds}/{i}")
+            if focus_pairs:
+                first = rng.choice(focus_pairs)
+                others = [p for p in seed_pairs if p[0] != first[0]]
+                picked = [first, *rng.sample(others, min(cfg.seeds_per_request - 1, len(others)))]
+                rng.shuffle(picked)
+            else:
+                picked = rng.sample(seed_pairs, min(cfg.seeds_per_request, len(seed_pairs)))
             shown = [(c, q) for _, c, q in picked]
             if accepted and cfg.generated_per_request:
                 extra = rng.sample(accepted, min(cfg.generated_per_request, len(accepted)))
@@ -339,7 +358,9 @@ def expand_inputs(
     existing: pd.DataFrame,
     want: int,
     cycle: int,
+    focus: tuple[str, ...] = (),
+    salt: str = "",
     version: str = EXPANSION_VERSION,
 ) -> ExpansionResult:
     """Generate `want` new inputs with the teacher (Self-Instruct rounds)."""
-    return run_expansion(recipe, endpoint, existing, want, cycle)
+    return run_expansion(recipe, endpoint, existing, want, cycle, focus, salt)

@@ -39,12 +39,22 @@ def assign_split(ids: pd.Series, validation_fraction: float) -> pd.Series:
     return split
 
 
-def assemble_candidates(answered: pd.DataFrame, recipe: Recipe, run_id: str) -> pd.DataFrame:
-    """Every answered row in record form plus `status`: the frame the GX suite checks."""
+def assemble_candidates(
+    answered: pd.DataFrame, recipe: Recipe, run_id: str, kept: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Every answered row in record form plus `status`: the frame the GX suite checks.
+
+    `kept`: rows of the last version published again (a refresh); they keep the run id and
+    time that made them.
+    """
     frame = answered.copy()
+    if len(frame):
+        frame["run_id"] = run_id
+        frame["created_at"] = pd.Timestamp.now(tz="UTC").floor("us")
+    if kept is not None and len(kept):
+        old = kept.assign(status="accepted", reason=None, detail=None)
+        frame = pd.concat([old, frame], ignore_index=True) if len(frame) else old
     frame["split"] = assign_split(frame["id"], recipe.validation_fraction)
-    frame["run_id"] = run_id
-    frame["created_at"] = pd.Timestamp.now(tz="UTC").floor("us")
     return frame.reset_index(drop=True)
 
 
@@ -119,8 +129,12 @@ def publish(
     dataset: pd.DataFrame,
     rejected: pd.DataFrame,
     manifest: dict[str, Any],
+    move_latest: bool = True,
 ) -> PublishedVersion:
-    """Write a new version folder, then move LATEST to it (last: a half-written run never wins)."""
+    """Write a new version folder, then move LATEST to it (last: a half-written run never wins).
+
+    `move_latest=False` leaves LATEST alone (a version waiting for its review).
+    """
     fs, root = fsspec.core.url_to_fs(output)
     base = posixpath.join(root, recipe.name)
     now = datetime.now(UTC)
@@ -151,9 +165,28 @@ def publish(
     manifest["counts"]["published"] = counts
     write_bytes("README.md", dataset_card(recipe, manifest).encode())
     write_bytes("manifest.json", json.dumps(manifest, indent=2, default=str).encode())
-    with fs.open(posixpath.join(base, "LATEST"), "wb") as f:
-        f.write(version.encode())
+    if move_latest:
+        point_latest(output, recipe.name, version)
     return PublishedVersion(uri=uri, version=version, counts=counts)
+
+
+def point_latest(output: str, dataset: str, version: str) -> None:
+    """Move `<output>/<dataset>/LATEST` to a version (one small write)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    with fs.open(posixpath.join(root, dataset, "LATEST"), "wb") as f:
+        f.write(version.encode())
+
+
+def update_manifest(uri: str, key: str, value: Any) -> dict[str, Any]:
+    """Set one top-level entry of a published version's manifest.json; returns the manifest."""
+    fs, folder = fsspec.core.url_to_fs(uri)
+    path = posixpath.join(folder, "manifest.json")
+    with fs.open(path, "rb") as f:
+        manifest: dict[str, Any] = json.loads(f.read())
+    manifest[key] = value
+    with fs.open(path, "wb") as f:
+        f.write(json.dumps(manifest, indent=2, default=str).encode())
+    return manifest
 
 
 def _rejected_table(rejected: pd.DataFrame) -> pa.Table:
@@ -180,14 +213,15 @@ def upload_folder(local: Path, output: str, *parts: str) -> str:
     return output.rstrip("/") + "/" + "/".join(parts)
 
 
-@task(name="publish", cache_policy=NO_CACHE)
+@task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
 def publish_dataset(
     output: str,
     recipe: Recipe,
     candidates: pd.DataFrame,
     rejected: pd.DataFrame,
     manifest: dict[str, Any],
+    move_latest: bool = True,
 ) -> PublishedVersion:
     """Publish the accepted rows as a new dataset version and move LATEST to it."""
     dataset = candidates[candidates["status"] == "accepted"][RECORD_COLUMNS]
-    return publish(output, recipe, dataset, rejected, manifest)
+    return publish(output, recipe, dataset, rejected, manifest, move_latest)

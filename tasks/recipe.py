@@ -183,6 +183,21 @@ class TrainingSettings(_Strict):
     prefect: PrefectTraining = PrefectTraining()
 
 
+class ReviewSettings(_Strict):
+    enabled: bool = Field(
+        False,
+        description=(
+            "Pause each new version for a human review (approve / reject with a comment) "
+            "before LATEST moves to it and a student is trained; needs a Prefect server."
+        ),
+    )
+    timeout_hours: float = Field(
+        24.0,
+        gt=0,
+        description="With no answer by then the version counts as rejected (the safe default).",
+    )
+
+
 class Recipe(_Strict):
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]*$",
@@ -198,6 +213,7 @@ class Recipe(_Strict):
     answer: AnswerSettings = AnswerSettings()
     validation: ValidationSettings = ValidationSettings()
     training: TrainingSettings = TrainingSettings()
+    review: ReviewSettings = ReviewSettings()
 
     @model_validator(mode="after")
     def _check_templates(self) -> Recipe:
@@ -209,7 +225,8 @@ class Recipe(_Strict):
     def content_hash(self) -> str:
         """Hash of everything that shapes the data (not how a student is trained from it)."""
         # The price only changes what a run is said to cost, never what it makes.
-        dumped = self.model_dump_json(exclude={"training": True, "teacher": {"price"}})
+        exclude: Any = {"training": True, "review": True, "teacher": {"price"}}
+        dumped = self.model_dump_json(exclude=exclude)
         return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 
 

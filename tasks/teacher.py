@@ -523,6 +523,8 @@ class TeacherEngine:
         # Everything this engine did in this process: what a run really sent, whatever Prefect's
         # task cache replayed. Updated as answers land, so it also counts a call that was stopped.
         self.totals = CallStats()
+        self.planned = 0  # unique requests of every call so far (progress)
+        self.finished = 0  # of which answered, from the cache or the teacher
         self._batches: BatchSender | None = None
         if settings.batch:
             from tasks.batch import BatchSender
@@ -590,6 +592,8 @@ class TeacherEngine:
         if todo and self._stopping:
             raise _Stopped(self._stopped_message(label, len(done), len(unique), 0))
         run.task_id = self._progress_add(label, total=len(unique), completed=len(done))
+        self.planned += len(unique)
+        self.finished += len(done)
         self._runs.add(run)
         # A bounded window of tasks, not one per request: 100k prompts must not mean 100k
         # coroutines. Each task frees its place itself (asyncio.wait over the window would
@@ -830,6 +834,7 @@ class TeacherEngine:
                     )
                     if self._stopping:
                         self._drained += 1
+                    self.finished += 1
                     if run.active:
                         self._progress.advance(run.task_id)
                     return key, result

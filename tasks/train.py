@@ -296,6 +296,7 @@ def run_training(
 
 @task(
     name="train-student",
+    task_run_name="train-student",
     cache_policy=INPUTS + TASK_SOURCE,
     persist_result=True,
     version=TRAIN_VERSION,

@@ -195,7 +195,7 @@ def run_suite(
     )
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(name="validate", task_run_name="validate", cache_policy=NO_CACHE)
 def validate_dataset(
     candidates: pd.DataFrame,
     settings: ValidationSettings,

@@ -143,7 +143,8 @@ def test_run_killed_half_way_resumes_without_resending_and_publishes_200(tmp_pat
         output, _ = third.communicate(timeout=600)
         assert third.returncode == 0, output
         assert teacher.stats.received == received
-        assert "0 sent" in output
+        assert "unchanged" in output and "(0 teacher requests sent)" in output
+        assert (out / "stock-advisor" / "LATEST").read_text().strip() == version
 
 
 def priced_recipe(tmp_path: Path, input_usd: float, output_usd: float) -> Path:
@@ -233,3 +234,17 @@ def test_batch_with_the_embedded_teacher_is_refused_before_anything_runs(tmp_pat
     assert proc.returncode == 2
     assert "--batch" in output and "embedded teacher has none" in output
     assert not out.exists()
+
+
+def test_review_without_a_server_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = distillery("run", RECIPE, "--review", "--output", str(out), env=cli_env(tmp_path))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, output
+    assert "needs a Prefect server" in output and "--no-review" in output
+    assert not out.exists()
+
+    proc = distillery("review", "0b7e3c1e-0000-4000-8000-000000000000", "approve",
+                      env=cli_env(tmp_path))  # fmt: skip
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "PREFECT_API_URL" in output, output

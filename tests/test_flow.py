@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fake_teacher import FakeTeacher
-from flows.distill import DistillParams, distill
+from flows.distill import distill
 from tasks.record import RECORD_COLUMNS
 from tasks.teacher import TeacherError
 from tasks.validate import ValidationFailed
@@ -21,9 +21,13 @@ RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
 
 
 def run(
-    teacher: FakeTeacher, output: Path | str, examples: int = 40, recipe: str = RECIPE
+    teacher: FakeTeacher,
+    output: Path | str,
+    examples: int = 40,
+    recipe: str = RECIPE,
+    **options: Any,
 ) -> dict[str, Any]:
-    params = DistillParams(
+    return distill(
         recipe=recipe,
         examples=examples,
         output=str(output),
@@ -31,8 +35,8 @@ def run(
         teacher_base_url=teacher.url,
         answer_batch_size=25,
         train=False,
+        **options,
     )
-    return distill(params)
 
 
 def variant(tmp_path: Path, **changes: Any) -> str:
@@ -101,6 +105,8 @@ def test_flow_publishes_a_complete_version_and_rerun_sends_no_request(
     again = run(teacher, out, examples=60)
     assert teacher.stats.received == before
     assert again["requests_sent"] == 0
+    assert again["outcome"] == "unchanged" and again["version"] == folder.name
+    assert (out / "stock-advisor" / "LATEST").read_text() == folder.name
 
 
 def test_priced_teacher_cost_is_in_the_manifest_and_summary(
@@ -128,7 +134,8 @@ def test_engine_cache_alone_makes_a_rerun_free(workdir: Path, teacher: FakeTeach
     run(teacher, workdir / "out", examples=30)
     before = teacher.stats.received
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: workdir / "other-results"}):
-        summary = run(teacher, workdir / "out", examples=30)
+        # From scratch: the refresh would skip the teacher stages without asking the cache.
+        summary = run(teacher, workdir / "out", examples=30, refresh=False)
     assert teacher.stats.received == before
     assert summary["requests_cached"] > 0
 

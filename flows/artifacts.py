@@ -1,0 +1,218 @@
+"""What a run shows in the Prefect UI: summary, sample rows, dataset link and asset, progress."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse
+
+import pandas as pd
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.assets import Asset
+
+from tasks.cost import format_usd
+from tasks.recipe import Recipe
+from tasks.teacher import TeacherEngine
+
+logger = logging.getLogger("distillery.artifacts")
+
+SAMPLE_ROWS = 20
+
+
+def _short(text: Any, limit: int) -> str:
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def sample(recipe: Recipe, dataset: pd.DataFrame, version: str) -> None:
+    """20 rows of the version (seeds and generated, a fixed draw per recipe) as a table."""
+    rows = dataset.sample(n=min(SAMPLE_ROWS, len(dataset)), random_state=recipe.random_seed)
+    ordered = rows.sort_values(["source", "id"], ascending=[False, True])
+    table = [
+        {
+            "id": r["id"],
+            "source": r["source"],
+            "split": r["split"],
+            "seed_ids": ", ".join(r["seed_ids"]),
+            "user_context": _short(r["user_context"], 300),
+            "question": _short(r["question"], 200),
+            "answer": _short(r["answer"], 500),
+        }
+        for r in ordered.to_dict("records")
+    ]
+    create_table_artifact(
+        key="dataset-sample",
+        table=table,
+        description=f"{recipe.name} {version}: {len(table)} of {len(dataset)} rows",
+    )
+
+
+def location_uri(location: str) -> str:
+    """An fsspec location as a URI: s3://... as it is, a local path as file:///abs/path."""
+    if urlparse(location).scheme in ("", "file"):
+        path = location.removeprefix("file://")
+        return Path(path).expanduser().resolve().as_uri()
+    return location
+
+
+def asset_key(location: str) -> str | None:
+    """The Prefect asset key of a location, or None where Prefect refuses it as a key."""
+    try:
+        return Asset(key=location_uri(location)).key
+    except ValueError:
+        logger.debug("no Prefect asset for %s: not a valid asset key", location)
+        return None
+
+
+def dataset_link(recipe: Recipe, uri: str, version: str) -> None:
+    """A link artifact to the published version folder."""
+    create_link_artifact(
+        key="dataset-version",
+        link=location_uri(uri),
+        link_text=f"{recipe.name} {version}",
+        description=f"The published version of {recipe.name} (Parquet, JSONL, manifest, card)",
+    )
+
+
+def summary(recipe: Recipe, summary: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The run's summary: outcome, counts per stage, rejects, tokens, cost, durations."""
+    create_markdown_artifact(
+        key="dataset-summary",
+        markdown=summary_markdown(recipe, summary, manifest),
+        description=f"{recipe.name} {summary.get('version')}: {summary['outcome']}",
+    )
+
+
+def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str, Any]) -> str:
+    counts = manifest["counts"]
+    published = summary.get("published") or {}
+    expansion = counts["expansion"]
+    answers = counts["answers"]
+    refresh = manifest.get("refresh", {})
+    tokens = manifest["tokens"]
+    outcome = summary["outcome"]
+    headline = {
+        "published": f"Published to `{summary['uri']}`; LATEST points at it.",
+        "awaiting review": f"Written to `{summary['uri']}`; waiting for a review before LATEST "
+        "moves and training starts.",
+        "rejected in review": f"`{summary['uri']}` was rejected in review; LATEST was not moved "
+        "and no student was trained.",
+        "unchanged": f"Nothing changed since `{summary['uri']}`: nothing published, no training.",
+    }.get(outcome, outcome)
+    lines = [
+        f"# {recipe.name} `{summary.get('version')}`: {outcome}",
+        "",
+        headline,
+        "",
+        "| stage | what | count |",
+        "|---|---|---|",
+        f"| seeds | in the recipe | {counts['seeds']} |",
+    ]
+    if refresh.get("previous"):
+        lines += [
+            f"| refresh | kept from `{refresh['previous']}` | {counts['kept_from_previous']} |",
+            f"| refresh | new seeds / retired seeds | {len(refresh['new_seeds'])} / "
+            f"{len(refresh['retired_seeds'])} |",
+            f"| refresh | answered again (answer prompt or model changed) | "
+            f"{refresh['reanswered']} |",
+        ]
+    lines += [
+        f"| expand | requests | {expansion.get('requests', 0)} |",
+        f"| expand | examples parsed | {expansion.get('parsed', 0)} |",
+        f"| expand | inputs accepted | {expansion.get('accepted', 0)} |",
+        *(
+            f"| expand | rejected: {k} | {v} |"
+            for k, v in sorted(expansion.get("rejected", {}).items())
+        ),
+        f"| answer | answered | {answers['answered']} |",
+        f"| answer | accepted | {answers['accepted']} |",
+        *(f"| answer | rejected: {k} | {v} |" for k, v in sorted(answers["rejected"].items())),
+        f"| validate | expectations met | {manifest['validation']['successful']} of "
+        f"{manifest['validation']['evaluated']} |",
+        f"| publish | rows (train / validation) | {published.get('total', 0)} "
+        f"({published.get('train', 0)} / {published.get('validation', 0)}) |",
+        "",
+        "| teacher | value |",
+        "|---|---|",
+        f"| requests sent | {summary['requests_sent']} |",
+        f"| requests from cache | {summary['requests_cached']} |",
+        f"| tokens sent (prompt / completion) | {tokens['sent_prompt_tokens']} / "
+        f"{tokens['sent_completion_tokens']} |",
+        f"| cost (USD) | {format_usd(summary['cost_usd'])} |",
+        f"| estimated cost (USD) | {format_usd(summary.get('estimated_cost_usd'))} |",
+        "",
+        "| duration | seconds |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in summary.get("timings_s", {}).items()),
+        f"| whole run | {summary['seconds']} |",
+    ]
+    if manifest.get("data_docs"):
+        lines += ["", f"Great Expectations Data Docs: `{manifest['data_docs']}`"]
+    if summary.get("review"):
+        r = summary["review"]
+        lines += ["", f"Review: **{r['decision']}** ({r.get('comment') or 'no comment'})"]
+    lines += [f"\n> {s}" for s in summary["shortfall"]]
+    return "\n".join(lines)
+
+
+class TeacherProgress:
+    """Live progress of the teacher stages: a Prefect progress artifact, updated every few s.
+
+    Progress is the share of the teacher requests planned so far that have an answer (from the
+    cache or the teacher); expansion rounds and answer batches add to the plan as they start.
+    """
+
+    def __init__(self, engine: TeacherEngine, goal: int, interval_s: float = 2.0) -> None:
+        self.engine = engine
+        self.goal = goal
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._id: Any = None
+        self._base = (engine.planned, engine.finished)
+
+    def _numbers(self) -> tuple[float, str]:
+        planned = self.engine.planned - self._base[0]
+        done = self.engine.finished - self._base[1]
+        share = 100.0 * done / planned if planned else 0.0
+        text = f"teacher: {done} of {planned} requests answered so far; goal {self.goal} rows"
+        return min(100.0, share), text
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._update()
+
+    def _update(self, final: float | None = None) -> None:
+        share, text = self._numbers()
+        try:
+            update_progress_artifact(self._id, final if final is not None else share, text)
+        except Exception as exc:  # the UI's progress must never break the run
+            logger.debug("progress artifact not updated: %s", exc)
+
+    def __enter__(self) -> TeacherProgress:
+        self._id = create_progress_artifact(
+            0.0, key="teacher-progress", description=f"teacher: starting; goal {self.goal} rows"
+        )
+        self._thread = threading.Thread(target=self._loop, name="teacher-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._update(final=100.0 if exc_type is None else None)

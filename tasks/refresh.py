@@ -1,0 +1,201 @@
+"""Incremental refresh: start from the recipe's last published version instead of from nothing.
+
+The rules (README, "Nightly refresh"):
+- Rows of LATEST are kept as they are, unless a seed they came from was retired (removed from
+  the recipe): the seed's own row and every generated row whose `seed_ids` name it are dropped,
+  and the refresh generates replacements. A retired seed was usually wrong; examples modelled
+  on it go with it.
+- When the answer prompt (system, user template, style), the teacher model or its sampling
+  settings changed, every kept input is answered again (the inputs themselves are kept); the
+  answer fingerprint in the manifest tells.
+- Added seeds are answered, and each adds its share of the target (target / number of seeds,
+  rounded up) of new examples, from expansion requests that all show at least one new seed.
+- Lowering the target deletes nothing; `--from-scratch` (refresh=False) rebuilds from the seeds.
+- A version whose content (ids, answers, messages, splits) equals LATEST's is not published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+from tasks.expand import INPUT_COLUMNS, seed_inputs
+from tasks.recipe import Recipe
+from tasks.record import RECORD_COLUMNS
+from tasks.teacher import TeacherEndpoint
+
+logger = logging.getLogger("distillery.refresh")
+
+
+@dataclass
+class Previous:
+    """The recipe's last published version (LATEST)."""
+
+    version: str
+    uri: str
+    manifest: dict[str, Any]
+    rows: pd.DataFrame  # RECORD_COLUMNS, train and validation
+
+
+def _read(fs: Any, path: str) -> bytes | None:
+    try:
+        with fs.open(path, "rb") as f:
+            data: bytes = f.read()
+            return data
+    except FileNotFoundError:
+        return None
+
+
+def read_latest(output: str, dataset: str) -> Previous | None:
+    """LATEST of `<output>/<dataset>`, or None if nothing was published there yet."""
+    fs, root = fsspec.core.url_to_fs(output)
+    base = posixpath.join(root, dataset)
+    pointer = _read(fs, posixpath.join(base, "LATEST"))
+    if pointer is None:
+        return None
+    version = pointer.decode().strip()
+    folder = posixpath.join(base, version)
+    uri = output.rstrip("/") + f"/{dataset}/{version}"
+    raw = _read(fs, posixpath.join(folder, "manifest.json"))
+    if raw is None:
+        raise FileNotFoundError(
+            f"{uri}/manifest.json is missing although LATEST points at {version}: restore the "
+            "version folder, or run with --from-scratch (refresh=False) to rebuild."
+        )
+    parts = []
+    for split in ("train", "validation"):
+        with fs.open(posixpath.join(folder, f"{split}.parquet"), "rb") as f:
+            parts.append(pd.read_parquet(f))
+    rows = pd.concat(parts, ignore_index=True)[RECORD_COLUMNS]
+    # Parquet lists come back as numpy arrays: back to the lists and dicts a fresh row has.
+    rows["seed_ids"] = rows["seed_ids"].map(list)
+    rows["messages"] = rows["messages"].map(lambda turns: [dict(t) for t in turns])
+    return Previous(version=version, uri=uri, manifest=json.loads(raw), rows=rows)
+
+
+def answer_fingerprint(recipe: Recipe, endpoint: TeacherEndpoint) -> str:
+    """What an answer depends on besides its input: prompt, style, model, sampling."""
+    t = recipe.teacher
+    basis = {
+        "answer": recipe.answer.model_dump(),
+        "model": endpoint.model,
+        "sampling": {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": t.max_tokens},
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def content_fingerprint(rows: pd.DataFrame) -> str:
+    """The published content: ids, answers, chat turns and splits, in id order."""
+    digest = hashlib.sha256()
+    ordered = rows.sort_values("id")
+    for rid, answer, split, messages in zip(
+        ordered["id"], ordered["answer"], ordered["split"], ordered["messages"], strict=True
+    ):
+        turns = [(m["role"], m["content"]) for m in messages]
+        digest.update(json.dumps([rid, answer, split, turns]).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class RefreshPlan:
+    """What a run keeps from LATEST and what it asks the teacher for."""
+
+    previous: Previous | None
+    kept: pd.DataFrame  # rows of LATEST published again as they are
+    to_answer: pd.DataFrame  # inputs (INPUT_COLUMNS) to answer before any expansion
+    goal: int  # rows the version should reach
+    new_seeds: list[str] = field(default_factory=list)
+    retired_seeds: list[str] = field(default_factory=list)
+    dropped: int = 0  # rows of LATEST dropped with a retired seed
+    reanswered: int = 0  # inputs of LATEST answered again (answer fingerprint changed)
+    extra_for_new_seeds: int = 0
+    answer_changed: bool = False
+
+    @property
+    def focus(self) -> tuple[str, ...]:
+        """Seeds every expansion request must show (the new ones)."""
+        return tuple(self.new_seeds)
+
+    @property
+    def salt(self) -> str:
+        """Sets this refresh's expansion sampling apart from the run that made LATEST."""
+        return self.previous.version if self.previous else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "previous": self.previous.version if self.previous else None,
+            "kept": len(self.kept),
+            "dropped_with_retired_seeds": self.dropped,
+            "reanswered": self.reanswered,
+            "new_seeds": self.new_seeds,
+            "retired_seeds": self.retired_seeds,
+            "extra_for_new_seeds": self.extra_for_new_seeds,
+            "answer_changed": self.answer_changed,
+        }
+
+
+def plan_refresh(
+    recipe: Recipe, previous: Previous | None, fingerprint: str, target: int
+) -> RefreshPlan:
+    """Apply the module's rules to LATEST and the recipe as it is now."""
+    seeds = seed_inputs(recipe)
+    if previous is None:
+        return RefreshPlan(previous=None, kept=previous_rows_empty(), to_answer=seeds, goal=target)
+    rows = previous.rows
+    earlier = previous.manifest.get("seeds", {}).get("ids")
+    if earlier is None:  # a version from before seed ids were recorded: its seed rows tell
+        earlier = rows.loc[rows["source"] == "seed", "id"].tolist()
+    current = list(seeds["id"])
+    new = [s for s in current if s not in set(earlier)]
+    retired = sorted(set(earlier) - set(current))
+    gone = set(retired)
+    drop = rows["id"].isin(gone) | rows["seed_ids"].map(lambda ids: bool(gone.intersection(ids)))
+    kept = rows[~drop].reset_index(drop=True)
+    answer_changed = previous.manifest.get("answer_fingerprint") != fingerprint
+    reanswer = kept[INPUT_COLUMNS] if answer_changed else kept[INPUT_COLUMNS].iloc[0:0]
+    if answer_changed:
+        kept = kept.iloc[0:0]
+    # Seeds without a kept row: new ones, and old ones whose answer was rejected (the request
+    # cache answers those again for free).
+    unanswered = seeds[~seeds["id"].isin(set(kept["id"]) | set(reanswer["id"]))]
+    extra = math.ceil(target * len(new) / len(current)) if new and earlier else 0
+    # The new seeds' own rows come on top of what was kept; their share of examples on top of that.
+    goal = max(target, int((~drop).sum()) + len(new)) + extra
+    if retired:
+        logger.info(
+            "seeds retired since %s: %s; %d rows drawn on them are dropped and replaced",
+            previous.version,
+            ", ".join(retired),
+            int(drop.sum()),
+        )
+    if answer_changed:
+        logger.info(
+            "the answer prompt, teacher model or sampling changed since %s: the %d kept inputs "
+            "are answered again",
+            previous.version,
+            len(reanswer),
+        )
+    return RefreshPlan(
+        previous=previous,
+        kept=kept,
+        to_answer=pd.concat([reanswer, unanswered], ignore_index=True)[INPUT_COLUMNS],
+        goal=goal,
+        new_seeds=new,
+        retired_seeds=retired,
+        dropped=int(drop.sum()),
+        reanswered=len(reanswer),
+        extra_for_new_seeds=extra,
+        answer_changed=answer_changed,
+    )
+
+
+def previous_rows_empty() -> pd.DataFrame:
+    return pd.DataFrame(columns=RECORD_COLUMNS)
