@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean browser stack-up stack-down
 
 setup: $(STAMP)
 
@@ -45,11 +45,32 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/distillery run recipes/stock-advisor-demo.yaml --output out
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy flows tasks expectations
 	$(BIN)/pytest
+
+# The UI test (tests/test_stack.py) drives Debian's chromium headless: installed here when
+# missing, from the distribution's registry (root, or sudo without a password).
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		echo "Installing Debian's chromium for the UI test (apt-get install -y chromium)."; \
+		if [ "$$(id -u)" = 0 ]; then as_root=; else as_root="sudo -n"; fi; \
+		{ $$as_root apt-get update -qq && \
+		  $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || { \
+		echo "error: could not install chromium; install it as root: apt-get install -y" \
+			"chromium (Debian/Ubuntu), then run make test again" >&2; exit 1; }; \
+	fi
+
+# A local Prefect stack on 127.0.0.1 (server, work pools, deployments, workers): see README.
+# STACK_ARGS passes options to `stack up`, e.g. make stack-up STACK_ARGS="--port 4300".
+stack-up: $(STAMP)
+	$(BIN)/distillery stack up $(STACK_ARGS)
+
+stack-down: $(STAMP)
+	$(BIN)/distillery stack down
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -98,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+
+    stack = sub.add_parser("stack", help="a local Prefect stack on 127.0.0.1 (flows/stack.py)")
+    stack_sub = stack.add_subparsers(dest="stack_command", required=True)
+    stack_up = stack_sub.add_parser(
+        "up", help="start a Prefect server, the work pools, the deployments and the workers"
+    )
+    stack_up.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
+    stack_up.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds to wait for server and workers"
+    )
+    stack_sub.add_parser("down", help="stop the workers, then the server")
+    stack_sub.add_parser("status", help="say whether the stack is up, where, and its logs")
+    for action in stack_sub.choices.values():
+        action.add_argument(
+            "--home",
+            help="state folder: pids, logs, PREFECT_HOME (default: .stack in the checkout)",
+        )
     return parser
 
 
@@ -114,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "review":
             return _review(args)
+        if args.command == "stack":
+            from flows.stack import command as stack_command
+
+            return stack_command(args)
         return _run(args)
     except KeyboardInterrupt:
         print("interrupted: stopped (answers already received are in the cache)", file=sys.stderr)
