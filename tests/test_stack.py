@@ -59,6 +59,8 @@ class Running:
     stack: Stack
     env: dict[str, str]  # for `prefect` commands against the stack
     run: Run
+    again: Run  # the same ad-hoc run once more, nothing changed
+    requests_again: int  # teacher requests the second run sent
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
@@ -128,18 +130,26 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             asyncio.run(_pause_nightly_schedules(stack.api_url))
             env = {**base, "PREFECT_API_URL": stack.api_url, "PREFECT_HOME": str(tmp / "cli")}
             env["COLUMNS"] = "200"  # rich tables cut names at the terminal width
-            started = time.monotonic()
-            triggered = _cli(
-                env, sys.executable, "-m", "prefect", "deployment", "run", "distill/adhoc",
-                "--param", f"recipe={RECIPE}", "--param", "examples=30",
-                "--param", f"output={tmp / 'out'}", "--param", f"teacher_base_url={teacher.url}",
-                "--param", "teacher_model=fake-teacher", "--param", "train=false",
-            )  # fmt: skip
-            match = re.search(r"UUID: ([0-9a-f-]{36})", triggered)
-            assert match, triggered
-            name, state = asyncio.run(_wait_final(stack.api_url, match.group(1), timeout=600))
-            print(f"ad-hoc run {name}: {state} in {time.monotonic() - started:.0f} s")
-            yield Running(stack, env, Run(match.group(1), name, state, triggered))
+
+            def adhoc() -> Run:
+                started = time.monotonic()
+                triggered = _cli(
+                    env, sys.executable, "-m", "prefect", "deployment", "run", "distill/adhoc",
+                    "--param", f"recipe={RECIPE}", "--param", "examples=30",
+                    "--param", f"output={tmp / 'out'}",
+                    "--param", f"teacher_base_url={teacher.url}",
+                    "--param", "teacher_model=fake-teacher", "--param", "train=false",
+                )  # fmt: skip
+                match = re.search(r"UUID: ([0-9a-f-]{36})", triggered)
+                assert match, triggered
+                name, state = asyncio.run(_wait_final(stack.api_url, match.group(1), 600))
+                print(f"ad-hoc run {name}: {state} in {time.monotonic() - started:.0f} s")
+                return Run(match.group(1), name, state, triggered)
+
+            first = adhoc()
+            received = teacher.stats.received
+            again = adhoc()
+            yield Running(stack, env, first, again, teacher.stats.received - received)
         finally:
             recorded = read_state(home)
             _cli(stack_env, *distillery, "down", "--home", str(home))
@@ -179,6 +189,27 @@ def test_adhoc_run_from_the_cli_completes_on_the_stack_with_its_artifacts(
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) >= ARTIFACTS, sorted(k for k in by_key if k)
     assert "30" in str(by_key["dataset-summary"].data)
+
+
+def test_second_adhoc_run_with_nothing_changed_sends_no_teacher_request(
+    running: Running,
+) -> None:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    again = running.again
+    assert again.state == "Completed", f"{again.name}: {again.state}"
+    assert running.requests_again == 0
+
+    async def summary() -> str:
+        async with PrefectClient(running.stack.api_url) as client:
+            found = await client.read_latest_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dataset-summary"]))
+            )
+            return str(found[0].data)
+
+    text = asyncio.run(summary())
+    assert ": unchanged" in text and "nothing published" in text, text
 
 
 class DevTools:
