@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,7 +22,7 @@ from prefect.assets import Asset
 
 from tasks.cost import format_usd
 from tasks.recipe import Recipe
-from tasks.teacher import TeacherEngine
+from tasks.teacher import BatchesPending, TeacherEngine
 
 logger = logging.getLogger("distillery.artifacts")
 
@@ -164,6 +165,42 @@ def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str
     return "\n".join(lines)
 
 
+def batch_progress(
+    recipe: Recipe, pending: BatchesPending, summary: dict[str, Any], note: str
+) -> None:
+    """Batches still running when the run ended (batch mode with a hold): their progress."""
+    batches = pending.batches
+    answered = sum(b["completed"] for b in batches)
+    failed = sum(b["failed"] for b in batches)
+    total = sum(b["total"] for b in batches)
+    lines = [
+        f"# {recipe.name}: waiting for batches",
+        "",
+        f"{note}.",
+        "",
+        "| batch | status | answered | failed | requests | created |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| `{b['id']}` | {b['status']} | {b['completed']} | {b['failed']} | {b['total']} | "
+            f"{datetime.fromtimestamp(b['created_at'], UTC):%Y-%m-%d %H:%M:%S} UTC |"
+            for b in batches
+        ),
+        f"| all | | {answered} | {failed} | {total} | |",
+        "",
+        f"Teacher requests submitted by this run: {summary['requests_sent']}; "
+        f"{pending.waiting} still without an answer. The batches are recorded in the request "
+        "cache (DISTILLERY_CACHE_DIR): the next run re-attaches to them and submits nothing "
+        "twice.",
+    ]
+    create_markdown_artifact(
+        key="batch-progress",
+        markdown="\n".join(lines),
+        description=f"{recipe.name}: {answered} of {total} batch requests answered",
+    )
+    share = 100.0 * answered / total if total else 0.0
+    create_progress_artifact(share, description=f"batches: {answered} of {total} answered")
+
+
 class TeacherProgress:
     """Live progress of the teacher stages: a Prefect progress artifact, updated every few s.
 
@@ -185,6 +222,9 @@ class TeacherProgress:
         done = self.engine.finished - self._base[1]
         share = 100.0 * done / planned if planned else 0.0
         text = f"teacher: {done} of {planned} requests answered so far; goal {self.goal} rows"
+        batches = self.engine.batch_counts()
+        if batches is not None:  # batch mode: what the Batch API has answered of the rest
+            text += f"; batches running: {batches[0]}, {batches[1]} of {batches[2]} answered there"
         return min(100.0, share), text
 
     def _loop(self) -> None:

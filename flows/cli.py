@@ -24,6 +24,9 @@ _PREFECT_DEFAULTS = {
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+# Batch mode with DISTILLERY_BATCH_HOLD_S: batches still running, nothing published yet; the same
+# command later re-attaches to them (sysexits' EX_TEMPFAIL: try again later).
+EXIT_WAITING = 75
 BACKENDS = ("local", "openai", "prefect")
 
 
@@ -241,6 +244,7 @@ def _run(args: argparse.Namespace) -> int:
         os.environ["DISTILLERY_BATCH"] = "1"
 
     from flows.distill import DistillParams, distill, resolve_endpoint
+    from flows.recheck import WAITING
     from tasks.cost import format_usd
     from tasks.teacher import (
         BudgetExceeded,
@@ -312,6 +316,9 @@ def _run(args: argparse.Namespace) -> int:
         close_engines()
     counts = summary["published"] or {}
     print()
+    if summary["outcome"] == WAITING:
+        print(summary["message"])
+        return EXIT_WAITING
     if summary["outcome"] == "unchanged":
         print(
             f"unchanged: {summary['uri']} already holds this content; nothing published, no "

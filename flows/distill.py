@@ -4,7 +4,8 @@ import dataclasses
 import os
 import time
 from collections import Counter
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,10 +16,11 @@ from prefect import flow, get_run_logger, task
 from prefect.assets import Asset, AssetProperties, materialize
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows import artifacts
+from flows import artifacts, recheck
 from flows.artifacts import asset_key
 from flows.notify import notify_failure
 from flows.review import review_gate
@@ -43,7 +45,14 @@ from tasks.refresh import (
     plan_refresh,
     read_latest,
 )
-from tasks.teacher import CallStats, TeacherEndpoint, TeacherError, api_key_for, get_engine
+from tasks.teacher import (
+    BatchesPending,
+    CallStats,
+    TeacherEndpoint,
+    TeacherError,
+    api_key_for,
+    get_engine,
+)
 from tasks.train import train_student
 from tasks.validate import ValidationReport, validate_dataset
 
@@ -121,7 +130,15 @@ def _answer_all(
         )
         for i in range(0, len(inputs), size)
     ]
-    return [f.result() for f in futures]
+    results, pending = [], []
+    for future in futures:  # every task's batches, when they all outlive the hold
+        try:
+            results.append(future.result())
+        except BatchesPending as exc:
+            pending.append(exc)
+    if pending:
+        raise BatchesPending.combine(pending)
+    return results
 
 
 @dataclass
@@ -137,6 +154,7 @@ class Generation:
     shortfall: list[str] = field(default_factory=list)
     seconds: float = 0.0
     structured_form: str = ""  # how the endpoint took structured output in the end
+    pending: BatchesPending | None = None  # batches still running after the hold: stopped
 
     @property
     def requests_cached(self) -> int:
@@ -165,7 +183,7 @@ def generate(
     stats = CallStats()
     inputs = pd.concat([plan.kept[INPUT_COLUMNS], plan.to_answer], ignore_index=True)
     answered: list[AnswerResult] = []
-    with artifacts.TeacherProgress(engine, plan.goal):
+    with _until_batches_pending(out), artifacts.TeacherProgress(engine, plan.goal):
         if len(plan.to_answer):
             answered += _answer_all(recipe, endpoint, plan.to_answer, 0, batch_size)
         for cycle in range(1, MAX_CYCLES + 1):
@@ -201,6 +219,16 @@ def generate(
     out.seconds = round(time.monotonic() - started, 2)
     out.structured_form = engine.structured_form
     return out
+
+
+@contextmanager
+def _until_batches_pending(out: Generation) -> Iterator[None]:
+    """Batch mode with a hold: a stage whose batches are still running stops the teacher stages
+    (the next stage needs its answers); what was answered so far is counted as usual."""
+    try:
+        yield
+    except BatchesPending as exc:
+        out.pending = exc
 
 
 def build_manifest(
@@ -353,7 +381,14 @@ def distill(
         refresh=refresh,
         notify=notify,
     )
-    return _distill(params)
+    summary = _distill(params)
+    if summary["outcome"] == recheck.WAITING:
+        # A returned State is the run's final state, and its data what a caller gets: Completed,
+        # so the worker is free and no failure is notified, named so that the UI tells it apart.
+        return Completed(  # type: ignore[return-value]
+            name=recheck.STATE_NAME, message=summary["message"], data=summary
+        )
+    return summary
 
 
 def _distill(params: DistillParams) -> dict[str, Any]:
@@ -373,6 +408,8 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     session = teacher_session(endpoint) if teacher_needed(plan) else nullcontext()
     with session:
         generation = generate(recipe, endpoint, plan, params.answer_batch_size)
+    if generation.pending is not None:
+        return waiting_for_batches(recipe, generation, generation.pending, run_id, started)
     candidates = assemble_candidates(generation.answered, recipe, run_id, plan.kept)
     report = validate_dataset(
         candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
@@ -445,6 +482,51 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         if params.train_backend is not None:
             settings = settings.model_copy(update={"backend": params.train_backend})
         summary["training"] = train_student(published.uri, settings)
+    return summary
+
+
+def waiting_for_batches(
+    recipe: Recipe,
+    generation: Generation,
+    pending: BatchesPending,
+    run_id: str,
+    started: float,
+) -> dict[str, Any]:
+    """Batches still running after the hold: publish nothing, show their progress, and (from a
+    deployment) schedule the re-check run (flows/recheck.py)."""
+    log = get_run_logger()
+    try:
+        rerun = recheck.schedule_recheck(pending)
+    except Exception as exc:
+        raise RuntimeError(
+            f"{pending} The re-check run could not be scheduled ({type(exc).__name__}: {exc}): "
+            "run the deployment again after that time."
+        ) from exc
+    note = recheck.message(pending, rerun)
+    log.warning(note)
+    summary: dict[str, Any] = {
+        "outcome": recheck.WAITING,
+        "message": note,
+        "flow_run_id": run_id,
+        "uri": None,
+        "version": None,
+        "published": None,
+        "answer_rejects": {},
+        "expansion_rejects": dict(generation.expansion_rejects),
+        "requests": generation.requests,
+        "requests_sent": generation.this_run.sent,
+        "requests_cached": generation.requests_cached,
+        "cost_usd": generation.this_run.cost_usd,
+        "estimated_cost_usd": generation.this_run.estimated_cost_usd,
+        "shortfall": generation.shortfall,
+        "timings_s": {"teacher": generation.seconds},
+        "seconds": round(time.monotonic() - started, 2),
+        "batches": pending.batches,
+        "waiting": pending.waiting,
+        "recheck_at": recheck.when(pending).isoformat(),
+        "recheck_flow_run_id": str(rerun.id) if rerun is not None else None,
+    }
+    artifacts.batch_progress(recipe, pending, summary, note)
     return summary
 
 

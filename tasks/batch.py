@@ -19,6 +19,7 @@ from openai.types import Batch
 from openai.types.chat import ChatCompletion
 
 from tasks.teacher import (
+    BatchesPending,
     ChatRequest,
     ChatResult,
     TeacherError,
@@ -43,6 +44,9 @@ FILE_TIMEOUT_S = 900.0
 # The SDK retries the Batch API's own calls (408, 409, 429, 5xx, dropped connections) with its
 # jittered backoff: a handful of calls per batch, so its retries are cheap, unlike chat requests.
 API_RETRIES = 5
+# With a hold (DISTILLERY_BATCH_HOLD_S), the next look at batches still running is suggested
+# after half their age (a backoff across runs), at least the longest poll interval, at most this.
+RECHECK_MAX_S = 3600.0
 
 
 @dataclass
@@ -91,6 +95,11 @@ class BatchLedger:
             "created_at REAL NOT NULL, input_file_id TEXT, batch_id TEXT, status TEXT, "
             "collected INTEGER NOT NULL DEFAULT 0)"
         )
+        # How often each request without an answer was submitted, across processes: a run that
+        # re-attaches later (a re-check) must not resubmit a failing row forever.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS batch_tries (key TEXT PRIMARY KEY, n INTEGER NOT NULL)"
+        )
 
     def open_chunks(self) -> list[Chunk]:
         """Chunks whose answers are not all cached yet (or were never submitted)."""
@@ -119,6 +128,35 @@ class BatchLedger:
     def drop(self, chunk: str) -> None:
         self._db.execute("DELETE FROM batches WHERE chunk = ?", (chunk,))
 
+    def tries(self, keys: Sequence[str]) -> dict[str, int]:
+        """How often each of `keys` was submitted without an answer yet (absent: never)."""
+        found: dict[str, int] = {}
+        for start in range(0, len(keys), 500):
+            part = list(keys[start : start + 500])
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(f"SELECT key, n FROM batch_tries WHERE key IN ({marks})", part)
+            found.update(rows)
+        return found
+
+    def tried(self, keys: Sequence[str]) -> None:
+        self._many(
+            "INSERT INTO batch_tries VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET n = n + 1", keys
+        )
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Answered, or given up on (so that a later run starts their count again)."""
+        self._many("DELETE FROM batch_tries WHERE key = ?", keys)
+
+    def _many(self, sql: str, keys: Sequence[str]) -> None:
+        if keys:
+            self._db.execute("BEGIN")  # one commit, not one per key
+            try:
+                self._db.executemany(sql, ((k,) for k in keys))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def batches(self) -> list[dict[str, Any]]:
         """Every recorded chunk, oldest first (for tests and inspection)."""
         rows = self._db.execute(
@@ -141,23 +179,30 @@ class BatchSender:
         self._client = engine._client.with_options(max_retries=API_RETRIES)
         # Chunks being submitted or waited for by this process: a second call that needs some
         # of their requests waits for the same task instead of submitting them again.
-        self._in_hand: dict[str, tuple[frozenset[str], asyncio.Task[str]]] = {}
+        self._in_hand: dict[str, tuple[frozenset[str], asyncio.Task[Batch]]] = {}
         self._why: dict[str, str] = {}  # key -> why its last batch row brought no answer
+        self._keys: dict[str, list[str]] = {}  # batch id -> the request keys it answers
+        self._running: dict[str, Batch] = {}  # batch id -> the batch at its last look (progress)
 
     async def complete(
         self, todo: dict[str, ChatRequest], run: _Run, done: dict[str, ChatResult]
     ) -> None:
-        """Answer `todo` (key -> request) into the cache and `done`, resubmitting what failed."""
+        """Answer `todo` (key -> request) into the cache and `done`, resubmitting what failed.
+
+        With a hold (DISTILLERY_BATCH_HOLD_S), batches still running when it ends raise
+        BatchesPending: they stay recorded, and a later call re-attaches to them.
+        """
         engine = self.engine
         pending = dict(todo)
         batch_ids: list[str] = []
         rounds = engine.settings.max_attempts
-        for attempt in range(rounds):
-            if not pending:
-                return
-            if attempt:
-                engine._count(run, retries=len(pending))
-            tasks, own = self._start(pending, run)
+        hold = engine.settings.batch_hold_s
+        deadline = None if hold is None else time.monotonic() + hold
+        while pending:  # left by a return, a raise, or (giving up) a break
+            started = self._start(pending, run, deadline)
+            if started is None:
+                break  # rows submitted `rounds` times (in this run or earlier ones): give up
+            tasks, own = started
             finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if engine._stopping:
                 return  # the batches stay recorded: the next run re-attaches
@@ -169,74 +214,102 @@ class BatchSender:
                 assert error is not None
                 raise error
             # A task cancelled by another call's failure: its chunk is attached next round.
-            batch_ids += [t.result() for t in tasks if not t.cancelled()]
-            self._land(engine.cache.get_many(list(pending)), pending, run, done)
+            ended = [t.result() for t in tasks if not t.cancelled()]
+            batch_ids += [b.id for b in ended]
+            landed = engine.cache.get_many(list(pending))
+            self.ledger.forget(list(landed))
+            self._land(landed, pending, run, done)
             pending = {k: r for k, r in pending.items() if k not in done}
             if not pending:
                 return
+            running = [b for b in ended if b.status not in TERMINAL]
+            in_flight = {k for b in running for k in self._keys[b.id]}
+            if running and pending.keys() <= in_flight:
+                raise self._still_running(run.label, running, len(pending))
+            # Rows of batches that ended without an answer are resubmitted, also when others are
+            # still running after the hold: the next round submits them, looks once at every
+            # batch and raises, so that the re-check finds them in flight too.
             logger.warning(
                 "%s: %d requests came back without an answer from batches %s; resubmitting them",
                 run.label,
-                len(pending),
-                ", ".join(batch_ids[-len(tasks) :]),
+                sum(1 for k in pending if k not in in_flight),
+                ", ".join(b.id for b in ended if b.status in TERMINAL),
             )
+        if not pending:
+            return
+        self.ledger.forget(list(pending))  # the same command later starts their count again
         reasons = collections.Counter(self._why.get(k, "no answer") for k in pending)
         why = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
+        ids = ", ".join(dict.fromkeys(batch_ids))
         raise TeacherUnavailable(
             f"{run.label}: {len(pending)} requests still had no answer after {rounds} batch "
-            f"rounds (batches {', '.join(batch_ids)}; {why}); every answer received is cached: "
+            f"rounds (batches {ids}; {why}); every answer received is cached: "
             "run the same command again, or raise DISTILLERY_MAX_ATTEMPTS."
         )
 
     def _start(
-        self, pending: dict[str, ChatRequest], run: _Run
-    ) -> tuple[list[asyncio.Task[str]], list[asyncio.Task[str]]]:
-        """Tasks that answer `pending`: in hand, recorded (re-attached), or new; and the new."""
+        self, pending: dict[str, ChatRequest], run: _Run, deadline: float | None
+    ) -> tuple[list[asyncio.Task[Batch]], list[asyncio.Task[Batch]]] | None:
+        """Tasks that answer `pending`: in hand, recorded (re-attached), or new; and the new.
+
+        None, having started nothing, when a request that would be submitted again already was
+        submitted max_attempts times.
+        """
         engine = self.engine
-        tasks: list[asyncio.Task[str]] = []
+        tasks: list[asyncio.Task[Batch]] = []
         covered: set[str] = set()
         for held, task in self._in_hand.values():
             if not pending.keys().isdisjoint(held):
                 tasks.append(task)
                 covered |= held
-        own: list[asyncio.Task[str]] = []
+        attach: list[Chunk] = []
         for chunk in self.ledger.open_chunks():
             if chunk.id in self._in_hand or pending.keys().isdisjoint(chunk.keys):
                 continue
             if chunk.batch_id is None and chunk.input_file_id is None:
                 self.ledger.drop(chunk.id)  # stopped before its upload: nothing was submitted
                 continue
+            attach.append(chunk)
+            covered.update(chunk.keys)
+        lines = [(k, self._line(k, r)) for k, r in pending.items() if k not in covered]
+        tries = self.ledger.tries([k for k, _ in lines])
+        if any(n >= engine.settings.max_attempts for n in tries.values()):
+            return None
+        own: list[asyncio.Task[Batch]] = []
+        for chunk in attach:
             logger.info(
                 "%s: re-attaching to batch %s (%d requests)",
                 run.label,
                 chunk.batch_id or f"of file {chunk.input_file_id}",
                 len(chunk.keys),
             )
-            own.append(self._spawn(chunk, None, 0.0))
-            covered.update(chunk.keys)
-        lines = [(k, self._line(k, r)) for k, r in pending.items() if k not in covered]
+            own.append(self._spawn(chunk, None, 0.0, deadline))
         for part in split(lines, MAX_REQUESTS, MAX_BYTES):
             keys = [k for k, _ in part]
             estimate = sum(engine._estimate(pending[k], batch=True) for k in keys)
             engine._may_send(run, estimate)  # stopping, or the spending cap
-            engine._count(run, sent=len(keys))
+            # A row submitted before (in this run or an earlier one) is a retry.
+            engine._count(run, sent=len(keys), retries=sum(1 for k in keys if k in tries))
             chunk = Chunk(chunk_id(keys), keys, time.time())
             self.ledger.add(chunk)
-            own.append(self._spawn(chunk, b"".join(line for _, line in part), estimate))
+            self.ledger.tried(keys)
+            own.append(self._spawn(chunk, b"".join(line for _, line in part), estimate, deadline))
         return tasks + own, own
 
     def _line(self, key: str, req: ChatRequest) -> bytes:
         row = {"custom_id": key, "method": "POST", "url": ENDPOINT, "body": self.engine._wire(req)}
         return json.dumps(row).encode() + b"\n"
 
-    def _spawn(self, chunk: Chunk, data: bytes | None, estimate: float) -> asyncio.Task[str]:
+    def _spawn(
+        self, chunk: Chunk, data: bytes | None, estimate: float, deadline: float | None
+    ) -> asyncio.Task[Batch]:
         engine = self.engine
         engine._in_flight_usd += estimate
-        task = asyncio.create_task(self._run_chunk(chunk, data))
+        task = asyncio.create_task(self._run_chunk(chunk, data, deadline))
         self._in_hand[chunk.id] = (frozenset(chunk.keys), task)
         engine._tasks.add(task)  # stop() cancels it; the batch itself stays recorded
 
-        def gone(task: asyncio.Task[str]) -> None:
+        def gone(task: asyncio.Task[Batch]) -> None:
             engine._tasks.discard(task)
             engine._in_flight_usd -= estimate
             self._in_hand.pop(chunk.id, None)
@@ -244,13 +317,16 @@ class BatchSender:
         task.add_done_callback(gone)
         return task
 
-    async def _run_chunk(self, chunk: Chunk, data: bytes | None) -> str:
-        """Submit (or find) the chunk's batch, wait for it, cache its answers; its batch id."""
+    async def _run_chunk(self, chunk: Chunk, data: bytes | None, deadline: float | None) -> Batch:
+        """Submit (or find) the chunk's batch, wait for it until `deadline` (monotonic; None: its
+        end), cache its answers if it ended; the batch as last seen."""
         host = self.engine.endpoint.host
         try:
             batch = await self._submitted(chunk, data)
-            batch = await self._wait(chunk, batch)
-            await self._collect(chunk, batch)
+            self._keys[batch.id] = chunk.keys
+            batch = await self._wait(chunk, batch, deadline)
+            if batch.status in TERMINAL:
+                await self._collect(chunk, batch)
         except openai.APIStatusError as exc:
             if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
                 raise TeacherUnavailable(
@@ -264,7 +340,7 @@ class BatchSender:
                 f"the Batch API at {host} could not be reached after {API_RETRIES + 1} tries "
                 f"({exc}); submitted batches are recorded: run the same command again."
             ) from exc
-        return batch.id
+        return batch
 
     async def _submitted(self, chunk: Chunk, data: bytes | None) -> Batch:
         client = self._client
@@ -309,26 +385,34 @@ class BatchSender:
                 return batch
         return None
 
-    async def _wait(self, chunk: Chunk, batch: Batch) -> Batch:
+    async def _wait(self, chunk: Chunk, batch: Batch, deadline: float | None) -> Batch:
+        """Poll with backoff until the batch ends, or until `deadline` passes (then as it is)."""
         settings = self.engine.settings
         delay = settings.batch_poll_interval_s
         status = ""
-        while batch.status not in TERMINAL:
-            if batch.status != status:
-                status = batch.status
-                self.ledger.set(chunk.id, "status", status)
-                counts = batch.request_counts
-                logger.info(
-                    "batch %s is %s%s",
-                    batch.id,
-                    status,
-                    f" ({counts.completed + counts.failed} of {counts.total} done)"
-                    if counts
-                    else "",
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, settings.batch_max_poll_interval_s)
-            batch = await self._client.batches.retrieve(batch.id)
+        try:
+            while batch.status not in TERMINAL:
+                if batch.status != status:
+                    status = batch.status
+                    self.ledger.set(chunk.id, "status", status)
+                    counts = batch.request_counts
+                    logger.info(
+                        "batch %s is %s%s",
+                        batch.id,
+                        status,
+                        f" ({counts.completed + counts.failed} of {counts.total} done)"
+                        if counts
+                        else "",
+                    )
+                self._running[batch.id] = batch
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return batch  # still running: the call reports it (BatchesPending)
+                await asyncio.sleep(delay if left is None else min(delay, left))
+                delay = min(delay * 1.5, settings.batch_max_poll_interval_s)
+                batch = await self._client.batches.retrieve(batch.id)
+        finally:
+            self._running.pop(batch.id, None)  # ended, held long enough, or stopped
         return batch
 
     async def _collect(self, chunk: Chunk, batch: Batch) -> None:
@@ -370,6 +454,28 @@ class BatchSender:
         )
         return key
 
+    def _still_running(self, label: str, running: list[Batch], waiting: int) -> BatchesPending:
+        """What a call whose hold ended reports: each batch's progress, and when to look again."""
+        settings = self.engine.settings
+        now = time.time()
+        batches = []
+        for batch in running:
+            counts = batch.request_counts
+            batches.append(
+                {
+                    "id": batch.id,
+                    "status": batch.status,
+                    "completed": counts.completed if counts else 0,
+                    "failed": counts.failed if counts else 0,
+                    "total": counts.total if counts and counts.total else len(self._keys[batch.id]),
+                    "created_at": batch.created_at,
+                }
+            )
+        # Half the youngest batch's age: a backoff across re-checks, as polling backs off.
+        age = min(max(0.0, now - batch.created_at) for batch in running)
+        delay = min(max(age / 2, settings.batch_max_poll_interval_s), RECHECK_MAX_S)
+        return BatchesPending.of(label, batches, waiting, now + delay)
+
     def _land(
         self,
         landed: dict[str, ChatResult],
@@ -385,6 +491,20 @@ class BatchSender:
             engine._charge(run, pending[key], usage, batch=True)
         if run.active and landed:
             engine._progress.advance(run.task_id, len(landed))
+
+    def counts(self) -> tuple[int, int, int] | None:
+        """(batches, requests answered, requests) of the batches being waited for; None: none.
+
+        Read from other threads (the UI's progress): a copy, taken in one step."""
+        batches = list(self._running.values())
+        if not batches:
+            return None
+        answered = sum(b.request_counts.completed for b in batches if b.request_counts)
+        total = sum(
+            b.request_counts.total if b.request_counts else len(self._keys.get(b.id, ()))
+            for b in batches
+        )
+        return len(batches), answered, total
 
     def close(self) -> None:
         self.ledger.close()

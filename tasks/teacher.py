@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -81,6 +82,15 @@ class EngineSettings(BaseSettings):
     )
     batch_max_poll_interval_s: float = Field(
         300.0, gt=0, description="Batch mode: longest wait between two looks at a batch."
+    )
+    batch_hold_s: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Batch mode: how long a teacher call waits for its batches; still running after "
+            "that, it raises BatchesPending (the batches stay recorded) instead of polling on. "
+            "None: wait until they end."
+        ),
     )
 
 
@@ -152,6 +162,63 @@ class BudgetExceeded(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Prefect pickles task exceptions into results; the default reduce passes only args.
         return (type(self), (str(self), self.spent_usd, self.cap_usd, self.undone))
+
+
+class BatchesPending(RuntimeError):
+    """Batch mode with a hold (DISTILLERY_BATCH_HOLD_S): batches were still running after it.
+
+    Nothing is lost: the batches stay recorded in the request cache's database and the same
+    call later (the same command, or a scheduled re-check run) re-attaches to them.
+    `batches`: one dict per running batch (id, status, and the Batch API's request_counts:
+    completed, failed, total); `waiting`: requests still without an answer; `recheck_at`: unix
+    time after which another look is worth it.
+    """
+
+    def __init__(
+        self, message: str, batches: list[dict[str, Any]], waiting: int, recheck_at: float
+    ) -> None:
+        super().__init__(message)
+        self.batches, self.waiting, self.recheck_at = batches, waiting, recheck_at
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect pickles task exceptions into results; the default reduce passes only args.
+        return (type(self), (str(self), self.batches, self.waiting, self.recheck_at))
+
+    @classmethod
+    def of(
+        cls, label: str, batches: list[dict[str, Any]], waiting: int, recheck_at: float
+    ) -> BatchesPending:
+        what = cls._describe(batches, waiting, recheck_at)
+        return cls(f"{label}: {what}", batches, waiting, recheck_at)
+
+    @classmethod
+    def combine(cls, errors: Sequence[BatchesPending]) -> BatchesPending:
+        """One for several calls (answer tasks side by side): their batches, the soonest look."""
+        if len(errors) == 1:
+            return errors[0]
+        batches = list({b["id"]: b for e in errors for b in e.batches}.values())
+        waiting = sum(e.waiting for e in errors)
+        recheck_at = min(e.recheck_at for e in errors)
+        return cls(cls._describe(batches, waiting, recheck_at), batches, waiting, recheck_at)
+
+    @staticmethod
+    def _describe(batches: list[dict[str, Any]], waiting: int, recheck_at: float) -> str:
+        listed = "; ".join(
+            f"{b['id']} {b['status']}, {b['completed']} of {b['total']} answered"
+            + (f", {b['failed']} failed" if b["failed"] else "")
+            for b in batches[:5]
+        )
+        more = f"; {len(batches) - 5} more" if len(batches) > 5 else ""
+        when = datetime.fromtimestamp(recheck_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"{waiting} requests are waiting for {_batches(len(batches))} ({listed}{more}); they "
+            f"stay recorded, and the next run of the same work re-attaches to them: look again "
+            f"after {when}."
+        )
+
+
+def _batches(n: int) -> str:
+    return f"{n} batch" if n == 1 else f"{n} batches"
 
 
 class TeacherInterrupted(KeyboardInterrupt):
@@ -559,6 +626,11 @@ class TeacherEngine:
     @property
     def structured_form(self) -> StructuredForm:
         return self._form
+
+    def batch_counts(self) -> tuple[int, int, int] | None:
+        """Batch mode: (batches, requests answered, requests) of the batches being waited for,
+        as the Batch API counted them at the last look; None when none is."""
+        return self._batches.counts() if self._batches is not None else None
 
     def complete(
         self, requests: Sequence[ChatRequest], label: str
@@ -1027,4 +1099,5 @@ def close_engines() -> None:
 
 def retry_worthwhile(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry a teacher task unless a retry cannot help."""
-    return not isinstance(state.data, (TeacherError, BudgetExceeded))
+    # BatchesPending: a retry would only hold the worker longer; the flow schedules a re-check.
+    return not isinstance(state.data, (TeacherError, BudgetExceeded, BatchesPending))

@@ -481,6 +481,13 @@ class FakeOpenAIBatches(FakeOpenAIJobs):
                 self._core._advance_batch(batch)
             return [batch.obj() for batch in found]
 
+    def finish_batches(self) -> None:
+        """Let every running batch reach its end now, as if its batch_seconds had passed."""
+        with self._core.lock:
+            for batch in self._core.batches.values():
+                if batch.status not in TERMINAL:
+                    batch.started = time.monotonic() - batch.seconds
+
     def input_file(self, batch_id: str) -> StoredFile:
         with self._core.lock:
             stored = self._core.files.get(self._core.batches[batch_id].input_file_id)

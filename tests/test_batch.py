@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from fake_teacher import FakeTeacher, chat_requests
 from tasks.cost import Price
 from tasks.expand import expansion_schema
 from tasks.teacher import (
+    BatchesPending,
     BudgetExceeded,
     ChatRequest,
     EngineSettings,
@@ -26,6 +28,7 @@ from tasks.teacher import (
     TeacherError,
     TeacherInterrupted,
     TeacherUnavailable,
+    retry_worthwhile,
 )
 
 KEY = "test-key"
@@ -331,3 +334,104 @@ def test_batch_mode_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch
     settings = EngineSettings()
 
     assert settings.batch is True and settings.batch_poll_interval_s == 5.0
+
+
+def test_a_hold_ends_the_call_with_its_running_batches_and_a_later_call_reattaches(
+    server: FakeOpenAIBatches, make_engine: MakeEngine, tmp_path: Path
+) -> None:
+    server.knobs.batch_seconds = 20.0
+    engine = make_engine(server, batch_hold_s=2.0)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            engine.complete(chat_requests(8), "answers")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=call)
+    thread.start()
+    while server.stats.batch_polls == 0 and time.monotonic() - started < 30:
+        time.sleep(0.01)
+    assert engine.batch_counts() == (1, 0, 8)  # what the UI's progress shows while it holds
+    thread.join(30)
+
+    assert time.monotonic() - started < 15  # held 2 s, not the batch's 20 s
+    assert engine.batch_counts() is None
+    (pending,) = outcome
+    assert isinstance(pending, BatchesPending)
+    (batch,) = server.batches()
+    (seen,) = pending.batches
+    assert seen["id"] == batch["id"] and seen["status"] in ("validating", "in_progress")
+    assert seen["total"] == 8 and seen["completed"] + seen["failed"] < 8
+    assert pending.waiting == 8 and pending.recheck_at > time.time()
+    assert batch["id"] in str(pending) and "re-attaches" in str(pending)
+    copy = pickle.loads(pickle.dumps(pending))  # as Prefect stores a task's exception
+    assert (copy.batches, copy.waiting, copy.recheck_at) == (
+        pending.batches,
+        pending.waiting,
+        pending.recheck_at,
+    )
+    assert [(b, c) for _, b, c in ledger(tmp_path)] == [(batch["id"], 0)]
+    engine.close()
+
+    # The next look suggests half the batch's age (a backoff across runs), here 500 s.
+    server._core.batches[batch["id"]].created_at -= 1000
+    with pytest.raises(BatchesPending) as info:
+        make_engine(server, batch_hold_s=0).complete(chat_requests(8), "answers")
+    assert info.value.recheck_at - time.time() == pytest.approx(500, abs=10)
+
+    server.finish_batches()
+    results, stats = make_engine(server, batch_hold_s=0.3).complete(chat_requests(8), "answers")
+
+    assert_in_order(results, 8)
+    assert stats.sent == 0
+    seen_by_server = server.stats
+    assert (seen_by_server.batches_created, seen_by_server.rows_submitted) == (1, 8)
+    assert [(b, c) for _, b, c in ledger(tmp_path)] == [(batch["id"], 1)]
+
+
+def test_rows_that_keep_failing_are_given_up_across_rechecks_too(
+    server: FakeOpenAIBatches, make_engine: MakeEngine
+) -> None:
+    """Each re-check run re-attaches and resubmits; the tries are counted in the ledger, so a
+    chain of re-checks stops after max_attempts submissions, and a new command starts again."""
+    server.knobs.row_failure_rate = 1.0
+    server.knobs.batch_seconds = 20.0
+
+    def call(**settings: Any) -> Exception:
+        engine = make_engine(server, max_attempts=2, **settings)
+        try:
+            with pytest.raises((BatchesPending, TeacherUnavailable)) as info:
+                engine.complete(chat_requests(3), "answers")
+        finally:
+            engine.close()
+        return info.value
+
+    assert isinstance(call(batch_hold_s=0), BatchesPending)  # submitted once
+    server.finish_batches()
+    assert isinstance(call(batch_hold_s=0), BatchesPending)  # failed; submitted again
+    assert server.stats.rows_submitted == 6
+    server.finish_batches()
+
+    gave_up = call(batch_hold_s=0)
+
+    assert isinstance(gave_up, TeacherUnavailable) and "after 2 batch rounds" in str(gave_up)
+    assert server.stats.rows_submitted == 6 and server.stats.batches_created == 2
+    # Given up: the same command starts their count again (2 more submissions, no hold).
+    server.knobs.batch_seconds = 0.3
+    assert isinstance(call(), TeacherUnavailable)
+    assert server.stats.rows_submitted == 12
+
+
+def test_the_hold_is_read_from_the_environment_and_no_teacher_task_retries_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.states import Failed
+
+    assert EngineSettings().batch_hold_s is None  # default: wait in the process
+    monkeypatch.setenv("DISTILLERY_BATCH_HOLD_S", "1.5")
+    assert EngineSettings().batch_hold_s == 1.5
+    pending = BatchesPending("waiting", [], 0, time.time())
+    assert not retry_worthwhile(None, None, Failed(data=pending))
