@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -52,6 +55,13 @@ class EngineSettings(BaseSettings):
         description="Folder of the durable request cache (teacher-cache.sqlite).",
     )
     concurrency: int = Field(32, ge=1, description="Teacher requests in flight at once.")
+    adaptive_concurrency: bool = Field(
+        True,
+        description=(
+            "Lower the requests in flight (concurrency is the ceiling) while the endpoint's "
+            "latency shows it queueing, raise them again when it recovers (ConcurrencyLimit)."
+        ),
+    )
     request_timeout_s: float = Field(180.0, gt=0, description="Timeout of one teacher request.")
     max_attempts: int = Field(8, ge=1, description="Tries per request on 429, 5xx and timeouts.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute cap (else learned).")
@@ -395,6 +405,7 @@ class RateLimiter:
         self._next_token = 0.0
         self._paused_until = 0.0
         self._probes = 0
+        self._started = 0.0
         self._heard: asyncio.Event | None = None  # made on the loop, at first use
         self._turn: asyncio.Lock | None = None
 
@@ -402,7 +413,7 @@ class RateLimiter:
         if self._heard is None:
             self._heard, self._turn = asyncio.Event(), asyncio.Lock()
             # The budget starts now, with nothing banked.
-            self._next_request = self._next_token = time.monotonic()
+            self._next_request = self._next_token = self._started = time.monotonic()
         assert self._turn is not None
         if not self._heard.is_set():
             if self._probes >= self.PROBE:
@@ -445,6 +456,12 @@ class RateLimiter:
                 configured = self.configured_rpm if kind == "requests" else self.configured_tpm
                 value = min(int(limit), configured) if configured else int(limit)
                 if kind == "requests":
+                    if self.rpm is None and self._heard is not None:
+                        # The probes went out before the limit was known: they spent budget.
+                        step = 60.0 / (value * self.MARGIN)
+                        self._next_request = max(
+                            self._next_request, self._started + self._probes * step
+                        )
                     self.rpm = value
                 else:
                     self.tpm = value
@@ -453,6 +470,189 @@ class RateLimiter:
                 reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
                 if reset:
                     self.pause(reset)
+
+
+class ConcurrencyLimit:
+    """How many requests may be in flight: the ceiling (`concurrency`), less while the endpoint
+    queues. Additive increase, multiplicative decrease on a latency threshold, once a window.
+
+    - Baseline b: the lowest latency seen (send to response headers, so the SDK's own CPU time
+      is not in it), the endpoint's no-load latency; the rate limiter sends the first few
+      requests alone, so it is seen early. In flight: requests on the wire (not those holding
+      a slot while the rate limiter paces them).
+    - A busy client (2 cores, the SDK's CPU at a few hundred answers a second) delays every
+      answer it has not yet got round to: that is its own queue, which fewer requests in
+      flight would only starve. Each latency counts less the loop's current lag (how late a
+      timer fires on the engine's loop, peak-held), so only the endpoint's queue is acted on.
+    - Window: `max(8, limit)` outcomes (answers, and 503/529 overload answers) of requests sent
+      under the current limit; those sent before a change still carry the old queue and only
+      feed the baseline. m: the window's median latency. The first window decides nothing:
+      it is the start (the rate limiter's probes, then a burst), before the lag is known.
+    - Decrease when m > TOLERANCE x b and m - b > MIN_EXCESS_S: to the requests that were in
+      flight (at most the limit) times b / m, the gradient of Netflix's concurrency-limits; but
+      to no less than MAX_CUT of them in one window, so one noisy window cannot empty the pipe.
+      A server with S slots answers N > S requests in flight in about N / S service times, so
+      N * b / m is about S. Only twice the baseline (and MIN_EXCESS_S) counts: on a loaded
+      client its own CPU inflates measured latency by tens of percent, and a flat-latency
+      endpoint must keep the full ceiling.
+    - Still m > TOLERANCE x b with 1 in flight: the latency is the work's (longer answers,
+      other clients' load), not a queue of ours. The baseline moves up to m, for good (a
+      shorter answer later does not lower it again), and the limit goes back to what it was
+      before the cuts. Answers of very different lengths (an LLM's latency grows with its
+      output) can thus cost one descent per engine before the baseline fits the work.
+    - Halve the requests in flight when at least OVERLOAD_SHARE of the window were overload
+      answers (503, 529); scattered faults do not count. 429s are left to the RateLimiter: a
+      rate budget is paced (and Retry-After honoured); fewer requests in flight do not fix it.
+    - Increase by sqrt(limit) (at least 1; concurrency-limits' queue allowance), up to the
+      ceiling, when m <= RECOVERED x b (or m - b <= MIN_EXCESS_S). In between: hold. Against a
+      server with S slots the limit thus settles between about S and 2S.
+    """
+
+    TOLERANCE = 2.0
+    RECOVERED = 1.5
+    MIN_EXCESS_S = 0.05
+    OVERLOAD_SHARE = 0.1
+    MAX_CUT = 0.25
+    MIN_WINDOW = 8
+
+    def __init__(self, ceiling: int, adaptive: bool = True) -> None:
+        self.ceiling, self.adaptive = ceiling, adaptive
+        self.value = float(ceiling)
+        self.epoch = 0  # bumped on every change: which limit a request was sent under
+        self.baseline: float | None = None
+        self._latencies: list[float] = []
+        self._overloads = 0
+        self._peak = 0  # most requests in flight during the window
+        self._descent: float | None = None  # the limit before a run of latency cuts
+        self._started = False  # the first window has passed
+        self._floor = 0.0  # the baseline never goes below the latency of the work at 1 in flight
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self.value))
+
+    def answered(self, epoch: int, latency: float, in_flight: int, lag: float = 0.0) -> bool:
+        """An answer's latency (seconds), and how late the client's own loop runs now (`lag`:
+        part of the latency, but no queue of the endpoint's); True when the limit changed."""
+        if not self.adaptive:
+            return False
+        if self.baseline is None or latency < self.baseline:
+            self.baseline = max(latency, self._floor)
+        if epoch != self.epoch:
+            return False
+        self._latencies.append(max(0.0, latency - lag))
+        return self._decide(in_flight)
+
+    def overloaded(self, epoch: int, in_flight: int) -> bool:
+        """A 503/529 answer (the server is overloaded); True when the limit changed."""
+        if not self.adaptive or epoch != self.epoch:
+            return False
+        self._overloads += 1
+        return self._decide(in_flight)
+
+    def _decide(self, in_flight: int) -> bool:
+        self._peak = max(self._peak, in_flight)
+        seen = len(self._latencies) + self._overloads
+        if seen < max(self.MIN_WINDOW, self.limit):
+            return False
+        latencies, overloads, peak = sorted(self._latencies), self._overloads, self._peak
+        self._latencies, self._overloads, self._peak = [], 0, 0
+        if not self._started:
+            self._started = True
+            return False
+        before = self.value
+        if overloads >= self.OVERLOAD_SHARE * seen:
+            self.value = max(1.0, min(self.value, peak) / 2)
+            return self._changed(before, f"{overloads} of {seen} answers were 503/529")
+        if not latencies or self.baseline is None:
+            return False
+        median, base = latencies[len(latencies) // 2], self.baseline
+        if median > self.TOLERANCE * base and median - base > self.MIN_EXCESS_S:
+            why = f"median latency {median:.3f} s, baseline {base:.3f} s"
+            if self.limit == 1:
+                # Still slow with one request in flight: the work got slower (longer answers,
+                # other clients), it is no queue of ours. New baseline, back to before the cuts.
+                self.baseline = self._floor = median
+                self.value, self._descent = self._descent or float(self.ceiling), None
+                return self._changed(before, f"{why} with 1 in flight: new baseline")
+            if self._descent is None:
+                self._descent = self.value
+            # The gradient: N in flight at m = N / S service times each is S, plus a little.
+            gradient = max(self.MAX_CUT, base / median)
+            self.value = max(1.0, min(self.value, peak) * gradient)
+            return self._changed(before, why)
+        if median <= self.RECOVERED * base or median - base <= self.MIN_EXCESS_S:
+            self._descent = None
+            self.value = min(float(self.ceiling), self.value + max(1.0, math.sqrt(self.value)))
+            return self._changed(before, f"median latency {median:.3f} s, baseline {base:.3f} s")
+        return False
+
+    def _changed(self, before: float, why: str) -> bool:
+        if max(1, int(before)) == self.limit:
+            return False
+        self.epoch += 1
+        logger.debug("concurrency limit %d -> %d (%s)", max(1, int(before)), self.limit, why)
+        return True
+
+
+class _Slots:
+    """A FIFO semaphore whose size can change: requests in flight under ConcurrencyLimit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_use = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self._wake()
+
+    async def __aenter__(self) -> None:
+        if self.in_use < self.size and not self._waiters:
+            self.in_use += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted, then cancelled before it could run: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use < self.size:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_use += 1
+                waiter.set_result(None)
+
+
+# When the request being sent by the current task went out and its response headers came in
+# (monotonic), set by the HTTP client's event hooks: latency without the SDK's own CPU time.
+_TIMING: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "distillery_timing", default=None
+)
+
+
+async def _on_request(request: Any) -> None:
+    if (box := _TIMING.get()) is not None:
+        box[0] = time.monotonic()
+
+
+async def _on_response(response: Any) -> None:
+    if (box := _TIMING.get()) is not None:
+        box[1] = time.monotonic()
 
 
 class _LoopThread:
@@ -565,7 +765,10 @@ class TeacherEngine:
         self._limiter = RateLimiter(settings.rpm, settings.tpm)
         self._loop = _LoopThread()
         self._client: openai.AsyncOpenAI = self._loop.submit(self._make_client()).result()
-        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        self._concurrency = ConcurrencyLimit(settings.concurrency, settings.adaptive_concurrency)
+        self._slots = _Slots(settings.concurrency)
+        self._lag = 0.0  # how late the loop runs a timer (peak-held): the client's own delay
+        self._lag_watch: asyncio.Task[None] | None = None
         # State below is touched on the loop thread only (stop() hops onto it).
         self._runs: set[_Run] = set()
         self._tasks: set[asyncio.Task[Any]] = set()  # fetches, and batches being waited for
@@ -620,12 +823,32 @@ class TeacherEngine:
             base_url=self.endpoint.url(),
             max_retries=0,
             timeout=self.settings.request_timeout_s,
-            http_client=openai.DefaultAioHttpClient(),
+            http_client=openai.DefaultAioHttpClient(
+                event_hooks={"request": [_on_request], "response": [_on_response]}
+            ),
         )
 
     @property
     def structured_form(self) -> StructuredForm:
         return self._form
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests allowed in flight now (DISTILLERY_CONCURRENCY, or less: ConcurrencyLimit)."""
+        return self._slots.size
+
+    def _adapt(self, changed: bool) -> None:
+        if changed:
+            self._slots.resize(self._concurrency.limit)
+
+    async def _watch_lag(self) -> None:
+        """Keep `_lag`: how late a 20 ms timer fires on this loop, the peak decaying by a tenth a
+        tick; an answer that came in waits about that long before its latency is taken."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.02
+            await asyncio.sleep(0.02)
+            self._lag = max(loop.time() - due, self._lag * 0.9)
 
     def batch_counts(self) -> tuple[int, int, int] | None:
         """Batch mode: (batches, requests answered, requests) of the batches being waited for,
@@ -664,6 +887,8 @@ class TeacherEngine:
         if todo and self._stopping:
             raise _Stopped(self._stopped_message(label, len(done), len(unique), 0))
         run.task_id = self._progress_add(label, total=len(unique), completed=len(done))
+        if self.settings.adaptive_concurrency and self._lag_watch is None:
+            self._lag_watch = asyncio.create_task(self._watch_lag())
         self.planned += len(unique)
         self.finished += len(done)
         self._runs.add(run)
@@ -863,7 +1088,7 @@ class TeacherEngine:
             delay: float | None = None
             error: Exception
             used = self._form
-            async with self._semaphore:
+            async with self._slots:
                 # Pace inside the slot: a request waiting for its turn must not have been
                 # scheduled before the limits were learned.
                 await self._limiter.wait(req.estimated_tokens())
@@ -871,6 +1096,8 @@ class TeacherEngine:
                 self._count(run, sent=1)
                 self._sending.add(me)
                 self._in_flight_usd += estimate
+                epoch, timing = self._concurrency.epoch, [0.0, 0.0]
+                _TIMING.set(timing)  # this task's context: the client's hooks fill it in
                 try:
                     # The body is plain JSON already: passed as extra_body, it skips the SDK's
                     # per-call transform of typed params, which walks the TypedDict annotations
@@ -878,6 +1105,10 @@ class TeacherEngine:
                     raw = await self._client.chat.completions.with_raw_response.create(
                         model=self.endpoint.model, messages=[], extra_body=self._wire(req)
                     )
+                    if timing[0] and timing[1]:
+                        latency, in_flight = timing[1] - timing[0], len(self._sending)
+                        changed = self._concurrency.answered(epoch, latency, in_flight, self._lag)
+                        self._adapt(changed)
                     completion = raw.parse()
                 except openai.APIStatusError as exc:
                     if self._learn_form(exc, req, used):
@@ -889,6 +1120,9 @@ class TeacherEngine:
                         raise TeacherError(_describe_refusal(exc, self.endpoint)) from None
                     error = exc
                     delay = retry_after(exc.response.headers)
+                    if status in (503, 529):  # overloaded (529: Anthropic's form)
+                        in_flight = len(self._sending)
+                        self._adapt(self._concurrency.overloaded(epoch, in_flight))
                     if status == 429:
                         self._limiter.observe(exc.response.headers)
                         self._limiter.pause(delay if delay is not None else _backoff(attempt))
@@ -973,6 +1207,8 @@ class TeacherEngine:
             await asyncio.sleep(0.02)
         abandoned = len(self._sending)
         tasks = list(self._tasks)
+        if self._lag_watch is not None:
+            tasks.append(self._lag_watch)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -67,6 +67,7 @@ class Stats:
     rate_limited: int = 0  # 429s from the rpm/tpm limits
     rejected: int = 0  # 4xx/5xx from the status knob, reject_json_schema or a bad body
     max_in_flight: int = 0  # most requests holding a slot at once
+    max_queued: int = 0  # most requests waiting for a slot at once
     answered_by_body: collections.Counter[str] = field(default_factory=collections.Counter)
     received_by_body: collections.Counter[str] = field(default_factory=collections.Counter)
     resent_after_answer: int = 0  # requests whose body had already been answered on arrival
@@ -84,6 +85,7 @@ class Stats:
             rate_limited=self.rate_limited,
             rejected=self.rejected,
             max_in_flight=self.max_in_flight,
+            max_queued=self.max_queued,
             answered_by_body=collections.Counter(self.answered_by_body),
             received_by_body=collections.Counter(self.received_by_body),
             resent_after_answer=self.resent_after_answer,
@@ -98,6 +100,7 @@ class Stats:
             "rate_limited": self.rate_limited,
             "rejected": self.rejected,
             "max_in_flight": self.max_in_flight,
+            "max_queued": self.max_queued,
             "distinct_bodies": len(self.received_by_body),
             "answered_twice": self.answered_twice,
             "resent_after_answer": self.resent_after_answer,
@@ -809,6 +812,7 @@ class _Core:
         self.lock = threading.Lock()
         self.stats = Stats()
         self._busy = 0
+        self._queued = 0  # waiting for a slot
         self._cond: asyncio.Condition | None = None
         self._requests = _Window()
         self._tokens = _Window()
@@ -836,7 +840,14 @@ class _Core:
         if self._cond is None:
             self._cond = asyncio.Condition()
         async with self._cond:
-            await self._cond.wait_for(lambda: self._busy < max(1, self.knobs.slots))
+            if self._busy >= max(1, self.knobs.slots):
+                self._queued += 1
+                with self.lock:
+                    self.stats.max_queued = max(self.stats.max_queued, self._queued)
+                try:
+                    await self._cond.wait_for(lambda: self._busy < max(1, self.knobs.slots))
+                finally:
+                    self._queued -= 1
             self._busy += 1
             busy = self._busy
         with self.lock:
@@ -1057,7 +1068,8 @@ class _Core:
         return answer, "stop"
 
     async def serve(self, port: int, ready: Callable[[int], None], stop: asyncio.Event) -> None:
-        self._cond, self._busy = None, 0  # a condition belongs to one loop (restarts make new ones)
+        # A condition belongs to one loop (restarts make new ones).
+        self._cond, self._busy, self._queued = None, 0, 0
         runner = web.AppRunner(
             self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5
         )
