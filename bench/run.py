@@ -1,19 +1,25 @@
 """The teacher benchmark (issue 5): the engine and the flow next to a bare client, in one run.
 
-    .venv/bin/python bench/run.py [--only 1a,1b,2,3,4,6] [--repeats 3] [--out bench/results.md]
+    .venv/bin/python bench/run.py [--only 1a,1b,2,3,4,5,6] [--repeats 3] [--flow-repeats 3]
+        [--scale 10000,100000] [--work DIR] [--out bench/results.md]
+    .venv/bin/python bench/run.py --only 5    # item 5 alone (about 7 minutes on 2 cores)
 
 Every figure is measured in this run, on this machine, next to its baseline, and reported as a
 ratio with the command that reproduces it. The fake teacher (tests/fake_teacher.py) runs as its
-own process, as a real endpoint would; the `distillery` runs use one Prefect server started here
+own process, as a real endpoint would; the `distillery` runs use a Prefect server started here
 (as a deployment has one), so Prefect's ephemeral start-up (~30 s) is not in their times.
 
 1. Throughput, 64 slots x 0.2 s: the engine vs a bare AsyncOpenAI (aiohttp) + semaphore client,
-   N=2000; and the whole flow for 2000 answers vs the bare client's time for as many requests.
+   N=2000; and the whole flow for 2000 answers vs the bare client's time for as many requests
+   (median of --flow-repeats runs).
 2. Rate limits: an RPM cap of 3000 and a TPM cap, enforced per second (as providers quantise
    per-minute limits): achieved rate vs the cap and the share of 429s, engine vs bare client.
 3. 5% faults (500, 503, dropped connections): every prompt answered, none answered twice.
 4. SIGKILL, then SIGINT, at about half of a run, each followed by the same command: what was
    sent again, how fast it stopped, and a third run that sends nothing.
+5. Scale: the whole flow for 10,000 and 100,000 examples against a zero-latency teacher: peak
+   RSS of the flow's process, time per stage (Prefect's task runs), and the 100k/10k time ratio.
+6. Batch mode against a loopback /v1/files + /v1/batches server.
 """
 
 from __future__ import annotations
@@ -172,17 +178,29 @@ def engine_run(
 
 
 @contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """One Prefect API server for every `distillery` run of the bench."""
+def prefect_server_process(home: Path) -> Iterator[tuple[str, int]]:
+    """A Prefect API server (its database under `home`): its API URL and process id."""
     os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry (offline)
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME, temporary_settings
 
     server = SubprocessASGIServer()
-    server.start(timeout=180)
+    # The server's environment comes from the settings loaded first: name this home in them.
+    with temporary_settings(updates={PREFECT_HOME: home}):
+        server.start(timeout=180)
+    assert server.server_process is not None
     try:
-        yield server.api_url
+        yield server.api_url, server.server_process.pid
     finally:
         server.stop()
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """One Prefect API server for every `distillery` run of the bench."""
+    with prefect_server_process(home) as (api_url, _):
+        yield api_url
 
 
 def cli_env(work: Path, api_url: str, concurrency: int) -> dict[str, str]:
@@ -236,17 +254,45 @@ def teacher_calls(output: str) -> list[tuple[str, int, float]]:
     return [(m[1], int(m[2]), float(m[3])) for m in _CALL_LOG.finditer(output)]
 
 
-def last_flow_run_seconds(api_url: str) -> float:
-    """Prefect's own start-to-end time of the newest flow run."""
-    body = json.dumps({"limit": 1, "sort": "START_TIME_DESC"}).encode()
+def api_post(api_url: str, path: str, body: dict[str, Any]) -> Any:
     request = urllib.request.Request(
-        f"{api_url}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"}
+        f"{api_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        run = json.loads(r.read())[0]
-    started = datetime.fromisoformat(run["start_time"])
-    ended = datetime.fromisoformat(run["end_time"])
-    return (ended - started).total_seconds()
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def last_flow_run(api_url: str) -> dict[str, Any]:
+    """The newest flow run, as the Prefect API returns it."""
+    run: dict[str, Any] = api_post(
+        api_url, "/flow_runs/filter", {"limit": 1, "sort": "START_TIME_DESC"}
+    )[0]
+    return run
+
+
+def span(run: dict[str, Any]) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"])
+
+
+def task_runs(api_url: str, flow_run_id: str) -> list[dict[str, Any]]:
+    """Every task run of a flow run (paged: the API returns at most 200 at a time)."""
+    runs: list[dict[str, Any]] = []
+    while True:
+        page = api_post(
+            api_url,
+            "/task_runs/filter",
+            {
+                "flow_runs": {"id": {"any_": [flow_run_id]}},
+                "sort": "EXPECTED_START_TIME_ASC",
+                "limit": 200,
+                "offset": len(runs),
+            },
+        )
+        runs += page
+        if len(page) < 200:
+            return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,62 +382,114 @@ def bench_throughput(repeats: int, n: int) -> Section:
     return section
 
 
-def bench_flow(api_url: str, work: Path, examples: int) -> Section:
-    section = Section(
-        f"1b. The whole flow for {examples} answers vs the bare client for as many requests",
-        f".venv/bin/python bench/run.py --only 1b  # distillery run --examples {examples} "
-        "--no-train, DISTILLERY_CONCURRENCY=64, fake teacher 64 slots x 0.2 s",
-    )
+@dataclass
+class FlowRun:
+    """One `distillery run` of item 1b and the bare client's time for as many requests."""
+
+    bare: float
+    engine: float  # expansion rounds + the longest answer task, from the engine's log lines
+    teacher: float  # the manifest's teacher stages
+    flow: float  # Prefect's flow run, start to end
+    wall: float  # the whole command
+    sent: int
+    calls: list[tuple[str, int, float]]
+    stages: dict[str, float]  # seconds each stage's task runs took (their union)
+
+
+def flow_once(api_url: str, work: Path, examples: int) -> FlowRun:
+    work.mkdir(parents=True, exist_ok=True)
     with fake_teacher("--slots", "64", "--latency", "0.2") as server:
         env = cli_env(work, api_url, 64)
         started = time.perf_counter()
         output = finish(start_cli(cli_args(server.url, work / "out", examples), env), 900)
         wall = time.perf_counter() - started
+        (work / "flow.log").write_text(output)
         if f"rows: {examples}" not in output:
             raise RuntimeError(f"the flow did not publish {examples} rows:\n{output[-3000:]}")
-        flow = last_flow_run_seconds(api_url)
+        run = last_flow_run(api_url)
+        stages, _ = stage_intervals(api_url, run)
         calls = teacher_calls(output)
         sent = server.stats()["received"]
         published = work / "out" / "stock-advisor"
         version = (published / "LATEST").read_text().strip()
         manifest = json.loads((published / version / "manifest.json").read_text())
-        teacher_s = float(manifest["timings_s"]["teacher"])
         bare = asyncio.run(
             bare_client(server.url, requests_for(sent, "flow-bare", max_tokens=768), 64)
         ).seconds
     expansion = [c for c in calls if c[0].startswith("expand")]
     answers = [c for c in calls if c[0].startswith("answer")]
-    # Expansion rounds run one after the other; the answer tasks run side by side (4 at a time,
-    # all started together here), so their span is about the longest one.
-    engine_s = sum(c[2] for c in expansion) + max((c[2] for c in answers), default=0.0)
+    started_at, ended_at = span(run)
+    return FlowRun(
+        bare=bare,
+        # Expansion rounds run one after the other; the answer tasks run side by side (4 at a
+        # time, all started together here), so their span is about the longest one.
+        engine=sum(c[2] for c in expansion) + max((c[2] for c in answers), default=0.0),
+        teacher=float(manifest["timings_s"]["teacher"]),
+        flow=(ended_at - started_at).total_seconds(),
+        wall=wall,
+        sent=sent,
+        calls=calls,
+        stages={stage: seconds_in(ts) for stage, ts in stages.items()},
+    )
+
+
+def bench_flow(api_url: str, work: Path, examples: int, repeats: int) -> Section:
+    section = Section(
+        f"1b. The whole flow for {examples} answers vs the bare client for as many requests",
+        f".venv/bin/python bench/run.py --only 1b --flow-repeats {repeats}  # distillery run "
+        f"--examples {examples} --no-train, DISTILLERY_CONCURRENCY=64, fake teacher 64 slots "
+        "x 0.2 s; a fresh output and request cache per repeat",
+    )
+    runs = [flow_once(api_url, work / f"repeat-{i + 1}", examples) for i in range(repeats)]
+    by_ratio = sorted(runs, key=lambda r: r.flow / r.bare)
+    median = by_ratio[len(by_ratio) // 2]
+    if repeats > 1:
+        section.table(
+            ["repeat", "bare client (s)", "flow run (s)", "flow run / bare"],
+            [
+                [str(i + 1), f"{r.bare:.1f}", f"{r.flow:.1f}", ratio(r.flow, r.bare)]
+                for i, r in enumerate(runs)
+            ],
+        )
+        section.lines += [f"The median repeat ({runs.index(median) + 1}) in detail:", ""]
+    r = median
     section.table(
         ["what", "seconds", "ratio to the bare client"],
         [
-            [f"bare client, {sent} requests (what the flow sent)", f"{bare:.1f}", "1.00"],
-            ["engine calls (expansion rounds + the longest answer task)", f"{engine_s:.1f}",
-             ratio(engine_s, bare)],
-            ["flow: teacher stages (expansion + answers, manifest)", f"{teacher_s:.1f}",
-             ratio(teacher_s, bare)],
-            ["flow run (Prefect start to end: + validation, export)", f"{flow:.1f}",
-             ratio(flow, bare)],
-            ["whole command (process start to exit, server running)", f"{wall:.1f}",
-             ratio(wall, bare)],
+            [f"bare client, {r.sent} requests (what the flow sent)", f"{r.bare:.1f}", "1.00"],
+            ["engine calls (expansion rounds + the longest answer task)", f"{r.engine:.1f}",
+             ratio(r.engine, r.bare)],
+            ["flow: teacher stages (expansion + answers, manifest)", f"{r.teacher:.1f}",
+             ratio(r.teacher, r.bare)],
+            ["flow run (Prefect start to end: + validation, export)", f"{r.flow:.1f}",
+             ratio(r.flow, r.bare)],
+            ["whole command (process start to exit, server running)", f"{r.wall:.1f}",
+             ratio(r.wall, r.bare)],
         ],
     )  # fmt: skip
+    expansion = [c for c in r.calls if c[0].startswith("expand")]
+    answers = [c for c in r.calls if c[0].startswith("answer")]
     section.lines += [
-        "Where the flow's time goes (the engine's own log line per call):",
+        "Where the flow's time goes (the engine's own log line per call; Prefect's task runs):",
         "",
         f"- expansion: {len(expansion)} rounds, one after the other (a round shows inputs the "
         f"last one accepted), {sum(c[1] for c in expansion)} requests in "
-        f"{sum(c[2] for c in expansion):.1f} s of teacher calls;",
+        f"{sum(c[2] for c in expansion):.1f} s of teacher calls; the expand task "
+        f"{r.stages.get('expand', 0.0):.1f} s;",
         f"- answers: {len(answers)} calls (tasks of up to 500 inputs, 4 at a time), "
         f"{sum(c[1] for c in answers)} requests; the longest call took "
-        f"{max((c[2] for c in answers), default=0):.1f} s;",
-        "- the rest of the flow run: parsing and near-duplicate checks of the expansion replies, "
-        "Prefect task runs, Great Expectations (import and validation) and the export.",
+        f"{max((c[2] for c in answers), default=0):.1f} s; the answer tasks "
+        f"{r.stages.get('answer', 0.0):.1f} s;",
+        f"- validate task {r.stages.get('validate', 0.0):.1f} s (Great Expectations), publish "
+        f"task {r.stages.get('publish', 0.0):.1f} s, the flow's code between tasks "
+        f"{r.stages.get('flow code', 0.0):.1f} s.",
         "",
     ]
-    section.verdict("flow run / bare client", ratio(flow, bare), "<= 1.25", flow <= 1.25 * bare)
+    flow_ratio = median.flow / median.bare
+    section.verdict(
+        "flow run / bare client" + (f" (median of {repeats})" if repeats > 1 else ""),
+        f"{flow_ratio:.2f}", "<= 1.25", flow_ratio <= 1.25,
+    )  # fmt: skip
     return section
 
 
@@ -624,13 +722,245 @@ def bench_interrupts(api_url: str, work: Path) -> Section:
 
 
 # --------------------------------------------------------------------------------------------
+# 5. Scale: 10k and 100k examples, zero-latency teacher
+# --------------------------------------------------------------------------------------------
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A live process's peak resident set size (VmHWM), MiB; 0.0 once it is gone."""
+    with suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def folder_mib(path: Path) -> float:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        if path.exists()
+        else 0.0
+    )
+
+
+Interval = tuple[datetime, datetime]
+
+
+def run_measured(
+    args: list[str], env: dict[str, str], log: Path, timeout: float
+) -> tuple[int, float, float, list[tuple[datetime, float]]]:
+    """Run a command to its end, output to `log`: exit status, seconds, peak RSS (MiB), and
+    its RSS sampled every 0.2 s (UTC time, MiB).
+
+    The peak is the process's own (wait4's ru_maxrss: it and the children it waited for; the
+    flow's process starts none but `git`, the Prefect server and the teacher run elsewhere).
+    """
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    samples: list[tuple[datetime, float]] = []
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            seconds = time.perf_counter() - started
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, seconds, usage.ru_maxrss / 1024, samples
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"the {args[3:5]} run hung:\n{log.read_text()[-3000:]}")
+        with suppress(OSError):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    samples.append((datetime.now(UTC), int(line.split()[1]) / 1024))
+        time.sleep(0.2)
+
+
+def merged(intervals: list[Interval]) -> list[Interval]:
+    """The union of intervals, as disjoint sorted ones."""
+    out: list[Interval] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def seconds_in(intervals: list[Interval]) -> float:
+    return sum((e - s).total_seconds() for s, e in intervals)
+
+
+def peak_in(samples: list[tuple[datetime, float]], intervals: list[Interval]) -> float:
+    return max((m for t, m in samples if any(s <= t <= e for s, e in intervals)), default=0.0)
+
+
+def stage_intervals(
+    api_url: str, flow_run: dict[str, Any]
+) -> tuple[dict[str, list[Interval]], int]:
+    """When each stage ran (the union of its task runs), and the number of task runs. The rest
+    of the flow run (`flow code`) is the flow's own code between tasks."""
+    runs = [r for r in task_runs(api_url, flow_run["id"]) if r["start_time"] and r["end_time"]]
+    stages: dict[str, list[Interval]] = {}
+    for r in runs:
+        stages.setdefault(r["name"].split("-cycle")[0], []).append(span(r))
+    out = {stage: merged(ts) for stage, ts in stages.items()}
+    busy = merged([span(r) for r in runs])
+    gaps, (cursor, ended) = [], span(flow_run)
+    for s, e in busy:
+        if s > cursor:
+            gaps.append((cursor, s))
+        cursor = max(cursor, e)
+    if ended > cursor:
+        gaps.append((cursor, ended))
+    out["flow code"] = gaps
+    return out, len(runs)
+
+
+@dataclass
+class ScaleRun:
+    examples: int
+    command_s: float
+    flow_s: float
+    rss_mib: float
+    server_rss_mib: float
+    teacher_rss_mib: float
+    requests: int
+    task_runs: int
+    stage_s: dict[str, float]  # seconds each stage ran (the union of its task runs)
+    stage_rss_mib: dict[str, float]  # the flow process's highest sampled RSS in each stage
+    manifest_timings: dict[str, float]
+    cache_mib: float
+    results_mib: float
+    server_db_mib: float
+
+
+def scale_run(work: Path, examples: int) -> ScaleRun:
+    """One from-scratch run of `examples` against a zero-latency teacher, everything fresh."""
+    work.mkdir(parents=True)
+    with (
+        prefect_server_process(work / "prefect-server") as (api_url, server_pid),
+        fake_teacher("--slots", "64", "--latency", "0") as teacher,
+    ):
+        env = cli_env(work, api_url, 64)
+        args = [*cli_args(teacher.url, work / "out", examples), "--from-scratch"]
+        log = work / "flow.log"
+        status, seconds, rss, samples = run_measured(args, env, log, 4 * 3600)
+        output = log.read_text()
+        if status != 0 or f"rows: {examples}" not in output:
+            raise RuntimeError(f"the {examples}-example run failed ({status}):\n{output[-3000:]}")
+        flow_run = last_flow_run(api_url)
+        stages, n_tasks = stage_intervals(api_url, flow_run)
+        server_rss = peak_rss_mib(server_pid)
+        teacher_rss = peak_rss_mib(teacher.proc.pid)
+        requests = teacher.stats()["received"]
+    published = work / "out" / "stock-advisor"
+    version = (published / "LATEST").read_text().strip()
+    manifest = json.loads((published / version / "manifest.json").read_text())
+    started, ended = span(flow_run)
+    return ScaleRun(
+        examples=examples, command_s=seconds, flow_s=(ended - started).total_seconds(),
+        rss_mib=rss, server_rss_mib=server_rss, teacher_rss_mib=teacher_rss, requests=requests,
+        task_runs=n_tasks,
+        stage_s={stage: seconds_in(ts) for stage, ts in stages.items()},
+        stage_rss_mib={stage: peak_in(samples, ts) for stage, ts in stages.items()},
+        manifest_timings=manifest.get("timings_s", {}),
+        cache_mib=folder_mib(work / "cache"),
+        results_mib=folder_mib(work / "prefect-home" / "storage"),
+        server_db_mib=folder_mib(work / "prefect-server"),
+    )  # fmt: skip
+
+
+STAGES = ["load-recipe", "read-latest", "expand", "answer", "validate", "publish", "flow code"]
+
+
+def bench_scale(work: Path, sizes: list[int]) -> Section:
+    section = Section(
+        "5. Scale: " + " and ".join(f"{n:,}" for n in sizes) + " examples, zero-latency teacher",
+        f".venv/bin/python bench/run.py --only 5 --scale {','.join(map(str, sizes))}  # "
+        "distillery run --examples N --no-train --from-scratch, DISTILLERY_CONCURRENCY=64, "
+        "fake teacher 64 slots x 0 s, a fresh output, cache and Prefect server per size",
+    )
+    runs = []
+    for n in sizes:
+        print(f"  {n} examples ...", file=sys.stderr, flush=True)
+        runs.append(scale_run(work / f"scale-{n}", n))
+    header = ["", *(f"{r.examples:,} examples" for r in runs)]
+    rows = [
+        ["teacher requests sent", *(f"{r.requests:,}" for r in runs)],
+        ["Prefect task runs", *(str(r.task_runs) for r in runs)],
+        *(
+            [f"`{stage}`: seconds / peak RSS (MiB)",
+             *(f"{r.stage_s.get(stage, 0.0):.1f} / {r.stage_rss_mib.get(stage, 0.0):,.0f}"
+               for r in runs)]
+            for stage in STAGES
+        ),
+        ["flow run, Prefect start to end (s)", *(f"{r.flow_s:.1f}" for r in runs)],
+        ["whole command (s)", *(f"{r.command_s:.1f}" for r in runs)],
+        ["peak RSS, the flow's process (MiB)", *(f"{r.rss_mib:,.0f}" for r in runs)],
+        ["peak RSS, Prefect server (MiB)", *(f"{r.server_rss_mib:,.0f}" for r in runs)],
+        ["peak RSS, fake teacher (MiB)", *(f"{r.teacher_rss_mib:,.0f}" for r in runs)],
+        ["request cache on disk (MiB)", *(f"{r.cache_mib:,.0f}" for r in runs)],
+        ["Prefect results on disk (MiB)", *(f"{r.results_mib:,.0f}" for r in runs)],
+        ["Prefect server database (MiB)", *(f"{r.server_db_mib:,.0f}" for r in runs)],
+        ["manifest `timings_s`", *(
+            ", ".join(f"{k} {v}" for k, v in r.manifest_timings.items()) for r in runs
+        )],
+    ]  # fmt: skip
+    section.table(header, rows)
+    section.lines += [
+        "A stage's seconds are the union of its task runs (answer tasks run 4 at a time); "
+        "`flow code` is the flow run outside any task run (assembly, manifest, artifacts); "
+        "peak RSS per stage is the highest of the flow process's RSS sampled every 0.2 s.",
+        "",
+    ]
+    big = max(runs, key=lambda r: r.examples)
+    section.verdict(
+        f"peak RSS at {big.examples:,} examples", f"{big.rss_mib / 1024:.2f} GiB", "<= 2 GiB",
+        big.rss_mib <= 2048,
+    )  # fmt: skip
+    if len(runs) >= 2:
+        small = min(runs, key=lambda r: r.examples)
+        scale = big.examples / small.examples
+        flow_ratio = big.flow_s / small.flow_s
+        section.verdict(
+            f"flow run time {big.examples // 1000}k / {small.examples // 1000}k",
+            f"{flow_ratio:.1f}", f"linear: {scale:.0f} (met within 10%)",
+            flow_ratio <= 1.1 * scale,
+        )  # fmt: skip
+        section.lines += [
+            f"Whole command {big.examples // 1000}k / {small.examples // 1000}k: "
+            f"{big.command_s / small.command_s:.1f}; per stage: "
+            + ", ".join(
+                f"{stage} {big.stage_s[stage] / small.stage_s[stage]:.1f}"
+                for stage in STAGES
+                if small.stage_s.get(stage) and big.stage_s.get(stage)
+            )
+            + ".",
+            "",
+        ]
+    return section
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="1a,1b,2,3,4,6", help="items, comma-separated")
+    parser.add_argument("--only", default="1a,1b,2,3,4,5,6", help="items, comma-separated")
+    parser.add_argument("--flow-repeats", type=int, default=3, help="repeats of item 1b")
+    parser.add_argument(
+        "--scale", default="10000,100000", help="example counts of item 5, comma-separated"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="repeats of item 1a")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.md")
+    parser.add_argument(
+        "--work", type=Path, help="keep the runs' files (outputs, flow logs) in this new folder"
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
     started = time.perf_counter()
@@ -650,7 +980,8 @@ def main() -> None:
             sections.append(section)
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         run("1a", lambda: bench_throughput(args.repeats, 2000))
         run("2", lambda: bench_rate_limit("RPM", 3000, 1500, 256))
         # ~280 tokens a request: a TPM cap of 840,000 is 3000 requests a minute again.
@@ -659,8 +990,10 @@ def main() -> None:
         run("6", lambda: bench_batch(2000))
         if only & {"1b", "4"}:
             with prefect_server(work / "prefect-server") as api_url:
-                run("1b", lambda: bench_flow(api_url, work / "flow", 2000))
+                run("1b", lambda: bench_flow(api_url, work / "flow", 2000, args.flow_repeats))
                 run("4", lambda: bench_interrupts(api_url, work / "interrupts"))
+        sizes = [int(n) for n in args.scale.split(",")]
+        run("5", lambda: bench_scale(work, sizes))
     verdicts = [v for s in sections for v in s.verdicts]
     summary = ["| figure | measured | target | |", "|---|---|---|---|", *verdicts]
     text = "\n".join(
@@ -668,8 +1001,7 @@ def main() -> None:
             *header,
             *summary,
             "",
-            f"Whole run: {time.perf_counter() - started:.0f} s. Item 5 (100k scale) is not in "
-            "this bench yet.",
+            f"Whole run: {time.perf_counter() - started:.0f} s.",
             "",
             *(s.markdown() for s in sections),
         ]

@@ -7,6 +7,7 @@ import json
 import logging
 import posixpath
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -56,6 +57,10 @@ def assemble_candidates(
         frame = pd.concat([old, frame], ignore_index=True) if len(frame) else old
     frame["split"] = assign_split(frame["id"], recipe.validation_fraction)
     return frame.reset_index(drop=True)
+
+
+# Rows a published file is written in at a time (a Parquet row group).
+WRITE_ROWS = 10_000
 
 
 def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -147,20 +152,35 @@ def publish(
         with fs.open(posixpath.join(folder, name), "wb") as f:
             f.write(data)
 
-    def write_parquet(name: str, table: pa.Table) -> None:
+    # Written in slices of WRITE_ROWS rows (one Parquet row group each): a 100,000-row version
+    # never holds a whole split as Arrow data or as JSONL text in memory.
+    def write_parquet(
+        name: str, frame: pd.DataFrame, to_table: Callable[[pd.DataFrame], pa.Table]
+    ) -> None:
         with fs.open(posixpath.join(folder, name), "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            first = to_table(frame.iloc[:WRITE_ROWS])
+            with pq.ParquetWriter(f, first.schema, compression="zstd") as writer:
+                writer.write_table(first)
+                for start in range(WRITE_ROWS, len(frame), WRITE_ROWS):
+                    writer.write_table(to_table(frame.iloc[start : start + WRITE_ROWS]))
+
+    def write_jsonl(name: str, messages: pd.Series) -> None:
+        with fs.open(posixpath.join(folder, name), "wb") as f:
+            for start in range(0, len(messages), WRITE_ROWS):
+                chunk = messages.iloc[start : start + WRITE_ROWS]
+                f.write(
+                    "".join(
+                        json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in chunk
+                    ).encode()
+                )
 
     counts = {"total": len(dataset)}
     for split in ("train", "validation"):
         part = dataset[dataset["split"] == split]
         counts[split] = len(part)
-        write_parquet(f"{split}.parquet", _table(part, RECORD_SCHEMA))
-        jsonl = "".join(
-            json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in part["messages"]
-        )
-        write_bytes(f"{split}.jsonl", jsonl.encode())
-    write_parquet("rejected.parquet", _rejected_table(rejected))
+        write_parquet(f"{split}.parquet", part, lambda f: _table(f, RECORD_SCHEMA))
+        write_jsonl(f"{split}.jsonl", part["messages"])
+    write_parquet("rejected.parquet", rejected, _rejected_table)
     manifest = {**manifest, "version": version, "uri": uri}
     manifest["counts"]["published"] = counts
     write_bytes("README.md", dataset_card(recipe, manifest).encode())

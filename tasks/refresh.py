@@ -95,7 +95,7 @@ def answer_fingerprint(recipe: Recipe, endpoint: TeacherEndpoint) -> str:
 def content_fingerprint(rows: pd.DataFrame) -> str:
     """The published content: ids, answers, chat turns and splits, in id order."""
     digest = hashlib.sha256()
-    ordered = rows.sort_values("id")
+    ordered = rows[["id", "answer", "split", "messages"]].sort_values("id")
     for rid, answer, split, messages in zip(
         ordered["id"], ordered["answer"], ordered["split"], ordered["messages"], strict=True
     ):

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
+import pytest
 
+from tasks import export
 from tasks.answer import build_answer_messages, judge_answer
 from tasks.expand import (
     NearDuplicateIndex,
     build_expansion_request,
     clean_field,
     expansion_schema,
+    lsh_bands,
     parse_examples,
     render_examples,
 )
-from tasks.export import assign_split
+from tasks.export import assign_split, publish
 from tasks.recipe import AnswerSettings, ValidationSettings, load_recipe
 from tasks.record import record_id
 from tasks.teacher import ChatResult, RateLimiter, TeacherEndpoint, parse_reset, retry_after
@@ -96,6 +101,30 @@ def test_near_duplicate_index_flags_rewordings_not_new_examples() -> None:
     assert far < 0.3
 
 
+def test_near_duplicate_index_finds_early_and_late_rows_of_a_large_index() -> None:
+    index = NearDuplicateIndex(0.7)
+    texts = [
+        f"I am {20 + i % 50}, row {i}, saving ${100 * i} a month in fund {i * 7919 % 10007}.\n"
+        f"Question {i}: should I move {i % 97}% of it into bonds before {1990 + i % 40}?"
+        for i in range(3000)  # past the signature array's first growth (1024 rows)
+    ]
+    for i, text in enumerate(texts):
+        index.add(str(i), index.minhash(text))
+    index.add("0", index.minhash("a different text under a key already indexed"))
+    for i in (3, 2999):
+        close, _ = index.check(texts[i].replace("bonds", "bond"))
+        assert close >= 0.7
+    far, _ = index.check("Retired teacher in Lisbon.\nIs a money market fund safe this year?")
+    assert far < 0.3
+
+
+def test_lsh_bands_are_datasketch_s_choice() -> None:
+    # datasketch.lsh._optimal_param(threshold, 64, 0.5, 0.5) for these thresholds
+    assert lsh_bands(0.5, 64) == (14, 4)
+    assert lsh_bands(0.7, 64) == (8, 8)
+    assert lsh_bands(0.9, 64) == (3, 21)
+
+
 def test_answer_messages_render_the_recipe_prompt_and_explained_style() -> None:
     direct = build_answer_messages(AnswerSettings(), "I am 30.", "Buy gold?")
     assert direct[0]["role"] == "system" and "expert for stock markets" in direct[0]["content"]
@@ -126,6 +155,48 @@ def test_judge_answer_rejects_truncated_empty_refusal_and_leaks() -> None:
     assert judge_answer(result(long, refusal="policy"), LIMITS)[0] == "refusal"  # type: ignore[index]
     assert judge_answer(result(long + "\n# QUESTION 2\nmore"), LIMITS)[0] == "template_leak"  # type: ignore[index]
     assert judge_answer(result("Buy."), LIMITS)[0] == "length"  # type: ignore[index]
+
+
+def _records(n: int) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        ctx, q, answer = f"I am {20 + i} and save ${i}00.", f"Buy fund {i}?", f"Yes ({i}), é."
+        turns = [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
+        rows.append(
+            {
+                "id": record_id(ctx, q), "user_context": ctx, "question": q, "answer": answer,
+                "messages": turns,
+                "source": "generated", "seed_ids": ["0123456789abcdef"], "max_similarity": 0.1,
+                "teacher_model": "m", "expansion_request_id": f"req-{i}",
+                "answer_request_id": f"ans-{i}", "finish_reason": "stop", "prompt_tokens": 10,
+                "completion_tokens": 20, "split": "validation" if i % 5 == 0 else "train",
+                "run_id": "run", "created_at": pd.Timestamp("2026-11-28", tz="UTC"),
+            }
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_publish_in_slices_writes_the_same_rows_and_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = load_recipe(str(REPO / "recipes" / "stock-advisor.yaml"))
+    dataset = _records(25)
+    rejected = _records(7).drop(columns=["split"]).assign(stage="expand", reason="duplicate")
+    rejected.loc[3:, ["answer", "messages", "prompt_tokens"]] = None
+    manifest = {
+        "run_id": "run-0001", "code_version": "x", "counts": {"seeds": 1},
+        "teacher": {"model": "m", "host": "h"},
+    }  # fmt: skip
+    whole = publish(str(tmp_path / "a"), recipe, dataset, rejected, copy.deepcopy(manifest))
+    monkeypatch.setattr(export, "WRITE_ROWS", 4)
+    sliced = publish(str(tmp_path / "b"), recipe, dataset, rejected, copy.deepcopy(manifest))
+    assert sliced.counts == whole.counts == {"total": 25, "train": 20, "validation": 5}
+    for name, rows in (("train", 20), ("validation", 5), ("rejected", 7)):
+        one, many = (Path(v.uri) / f"{name}.parquet" for v in (whole, sliced))
+        pd.testing.assert_frame_equal(pd.read_parquet(one), pd.read_parquet(many))
+        assert pq.ParquetFile(many).metadata.num_row_groups == -(-rows // 4)
+    for name in ("train.jsonl", "validation.jsonl"):
+        assert (Path(sliced.uri) / name).read_bytes() == (Path(whole.uri) / name).read_bytes()
 
 
 def test_split_is_deterministic_per_id_and_near_the_fraction() -> None:
