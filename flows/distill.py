@@ -505,28 +505,18 @@ def waiting_for_batches(
         ) from exc
     note = recheck.message(pending, rerun)
     log.warning(note)
-    summary: dict[str, Any] = {
-        "outcome": recheck.WAITING,
-        "message": note,
-        "flow_run_id": run_id,
-        "uri": None,
-        "version": None,
-        "published": None,
-        "answer_rejects": {},
-        "expansion_rejects": dict(generation.expansion_rejects),
-        "requests": generation.requests,
-        "requests_sent": generation.this_run.sent,
-        "requests_cached": generation.requests_cached,
-        "cost_usd": generation.this_run.cost_usd,
-        "estimated_cost_usd": generation.this_run.estimated_cost_usd,
-        "shortfall": generation.shortfall,
-        "timings_s": {"teacher": generation.seconds},
-        "seconds": round(time.monotonic() - started, 2),
-        "batches": pending.batches,
-        "waiting": pending.waiting,
-        "recheck_at": recheck.when(pending).isoformat(),
-        "recheck_flow_run_id": str(rerun.id) if rerun is not None else None,
-    }
+    summary = _summary(
+        {"run_id": run_id}, generation, recheck.WAITING, started, {"teacher": generation.seconds}
+    )
+    summary.update(
+        {
+            "message": note,
+            "batches": pending.batches,
+            "waiting": pending.waiting,
+            "recheck_at": recheck.when(pending).isoformat(),
+            "recheck_flow_run_id": str(rerun.id) if rerun is not None else None,
+        }
+    )
     artifacts.batch_progress(recipe, pending, summary, note)
     return summary
 
