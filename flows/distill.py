@@ -27,7 +27,7 @@ from flows.review import review_gate
 from tasks import embedded
 from tasks.answer import AnswerResult, answer_inputs
 from tasks.cost import price_for
-from tasks.expand import INPUT_COLUMNS, expand_inputs, seed_inputs
+from tasks.expand import INPUT_COLUMNS, expand_inputs
 from tasks.export import (
     PublishedVersion,
     assemble_candidates,
@@ -252,14 +252,14 @@ def build_manifest(
         "created_at": datetime.now(UTC).isoformat(),
         "code_version": code_version(),
         "recipe": {"uri": params.recipe, "hash": recipe.content_hash(), "examples_target": target},
-        "seeds": {"ids": list(seed_inputs(recipe)["id"])},
+        "seeds": {"ids": plan.seed_ids},
         "teacher": {
             "model": endpoint.model,
             "host": endpoint.host,
             "structured_output": generation.structured_form,
             **({"gguf": embedded.GGUF_FILE} if endpoint.embedded else {}),
         },
-        "answer_fingerprint": answer_fingerprint(recipe, endpoint),
+        "answer_fingerprint": plan.answer_fingerprint,
         "content_fingerprint": content_fingerprint(kept),
         "refresh": plan.to_dict(),
         "random_seed": recipe.random_seed,

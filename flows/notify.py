@@ -110,7 +110,7 @@ def failure_message(
         failed_tasks = find_failed_tasks(flow_run.id)
     if failed_tasks:
         first = failed_tasks[0]
-        stage = stage_name(first)
+        stage = first.name  # every task of the flows has its own run name
         if len(failed_tasks) > 1:
             stage += f" (and {len(failed_tasks) - 1} more failed task runs)"
         cause = cause_of(state) or cause_of(first.state)
@@ -128,15 +128,6 @@ def failure_message(
     if url:
         lines.append(f"URL: {url}")
     return subject, "\n".join(lines)
-
-
-def stage_name(run: TaskRun) -> str:
-    """The task run's name without the suffix Prefect adds to a task called without a run name
-    (`validate-1f2` -> `validate`); named runs (`answer-cycle-0-batch-1`) stay as they are."""
-    key = run.dynamic_key or ""
-    if len(key) > 3 and not key.isdigit() and run.name.endswith(f"-{key[:3]}"):
-        return run.name[:-4]
-    return run.name
 
 
 def find_failed_tasks(flow_run_id: UUID) -> list[TaskRun]:

@@ -190,6 +190,16 @@ def publish(
     return PublishedVersion(uri=uri, version=version, counts=counts)
 
 
+def read_text(uri: str) -> str | None:
+    """A small file's text (LATEST, manifest.json), local or remote; None when it is absent."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            return bytes(f.read()).decode()
+    except FileNotFoundError:
+        return None
+
+
 def point_latest(output: str, dataset: str, version: str) -> None:
     """Move `<output>/<dataset>/LATEST` to a version (one small write)."""
     fs, root = fsspec.core.url_to_fs(output)
@@ -201,8 +211,7 @@ def update_manifest(uri: str, key: str, value: Any) -> dict[str, Any]:
     """Set one top-level entry of a published version's manifest.json; returns the manifest."""
     fs, folder = fsspec.core.url_to_fs(uri)
     path = posixpath.join(folder, "manifest.json")
-    with fs.open(path, "rb") as f:
-        manifest: dict[str, Any] = json.loads(f.read())
+    manifest: dict[str, Any] = json.loads(read_text(uri.rstrip("/") + "/manifest.json") or "{}")
     manifest[key] = value
     with fs.open(path, "wb") as f:
         f.write(json.dumps(manifest, indent=2, default=str).encode())

@@ -28,6 +28,7 @@ import fsspec
 import pandas as pd
 
 from tasks.expand import INPUT_COLUMNS, seed_inputs
+from tasks.export import read_text
 from tasks.recipe import Recipe
 from tasks.record import RECORD_COLUMNS
 from tasks.teacher import TeacherEndpoint
@@ -45,31 +46,21 @@ class Previous:
     rows: pd.DataFrame  # RECORD_COLUMNS, train and validation
 
 
-def _read(fs: Any, path: str) -> bytes | None:
-    try:
-        with fs.open(path, "rb") as f:
-            data: bytes = f.read()
-            return data
-    except FileNotFoundError:
-        return None
-
-
 def read_latest(output: str, dataset: str) -> Previous | None:
     """LATEST of `<output>/<dataset>`, or None if nothing was published there yet."""
-    fs, root = fsspec.core.url_to_fs(output)
-    base = posixpath.join(root, dataset)
-    pointer = _read(fs, posixpath.join(base, "LATEST"))
+    base = output.rstrip("/") + f"/{dataset}"
+    pointer = read_text(f"{base}/LATEST")
     if pointer is None:
         return None
-    version = pointer.decode().strip()
-    folder = posixpath.join(base, version)
-    uri = output.rstrip("/") + f"/{dataset}/{version}"
-    raw = _read(fs, posixpath.join(folder, "manifest.json"))
+    version = pointer.strip()
+    uri = f"{base}/{version}"
+    raw = read_text(f"{uri}/manifest.json")
     if raw is None:
         raise FileNotFoundError(
             f"{uri}/manifest.json is missing although LATEST points at {version}: restore the "
             "version folder, or run with --from-scratch (refresh=False) to rebuild."
         )
+    fs, folder = fsspec.core.url_to_fs(uri)
     parts = []
     for split in ("train", "validation"):
         with fs.open(posixpath.join(folder, f"{split}.parquet"), "rb") as f:
@@ -112,6 +103,8 @@ class RefreshPlan:
     kept: pd.DataFrame  # rows of LATEST published again as they are
     to_answer: pd.DataFrame  # inputs (INPUT_COLUMNS) to answer before any expansion
     goal: int  # rows the version should reach
+    answer_fingerprint: str  # of the recipe and endpoint this run answers with
+    seed_ids: list[str]  # the recipe's seeds now (the manifest records them for the next run)
     new_seeds: list[str] = field(default_factory=list)
     retired_seeds: list[str] = field(default_factory=list)
     dropped: int = 0  # rows of LATEST dropped with a retired seed
@@ -148,7 +141,14 @@ def plan_refresh(
     """Apply the module's rules to LATEST and the recipe as it is now."""
     seeds = seed_inputs(recipe)
     if previous is None:
-        return RefreshPlan(previous=None, kept=previous_rows_empty(), to_answer=seeds, goal=target)
+        return RefreshPlan(
+            previous=None,
+            kept=previous_rows_empty(),
+            to_answer=seeds,
+            goal=target,
+            answer_fingerprint=fingerprint,
+            seed_ids=list(seeds["id"]),
+        )
     rows = previous.rows
     earlier = previous.manifest.get("seeds", {}).get("ids")
     if earlier is None:  # a version from before seed ids were recorded: its seed rows tell
@@ -188,6 +188,8 @@ def plan_refresh(
         kept=kept,
         to_answer=pd.concat([reanswer, unanswered], ignore_index=True)[INPUT_COLUMNS],
         goal=goal,
+        answer_fingerprint=fingerprint,
+        seed_ids=current,
         new_seeds=new,
         retired_seeds=retired,
         dropped=int(drop.sum()),

@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from tasks.export import read_text, update_manifest
 from tasks.recipe import TrainingSettings
 
 logger = logging.getLogger("distillery.train")
@@ -46,23 +47,15 @@ class DatasetVersion:
         return f"{self.uri.rstrip('/')}/{name}"
 
 
-def _read_text(uri: str) -> str | None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.isfile(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return bytes(f.read()).decode()
-
-
 def resolve_version(uri: str) -> DatasetVersion:
     """A version folder, or a dataset folder's LATEST; refuses what was never published."""
     uri = uri.rstrip("/")
-    manifest_text = _read_text(f"{uri}/manifest.json")
+    manifest_text = read_text(f"{uri}/manifest.json")
     if manifest_text is None:
-        latest = _read_text(f"{uri}/LATEST")
+        latest = read_text(f"{uri}/LATEST")
         if latest is not None:
             return resolve_version(f"{uri}/{latest.strip()}")
-        if _read_text(f"{uri}/validation_result.json") is not None:
+        if read_text(f"{uri}/validation_result.json") is not None:
             raise FileNotFoundError(
                 f"{uri} is a run that failed validation: nothing was published, so there is "
                 f"nothing to train on; read {uri}/data-docs/ and fix the recipe or the teacher."
@@ -88,12 +81,10 @@ def resolve_version(uri: str) -> DatasetVersion:
 def record_outcome(version: DatasetVersion, outcome: dict[str, Any]) -> None:
     """Write the outcome into the version's manifest and `training/outcome.json`."""
     fs, path = fsspec.core.url_to_fs(version.uri)
-    manifest = json.loads(_read_text(version.path("manifest.json")) or "{}")
-    manifest["training"] = outcome
     fs.makedirs(posixpath.join(path, "training"), exist_ok=True)
-    for name, doc in (("training/outcome.json", outcome), ("manifest.json", manifest)):
-        with fs.open(posixpath.join(path, name), "wb") as f:
-            f.write(json.dumps(doc, indent=2, default=str).encode())
+    with fs.open(posixpath.join(path, "training", "outcome.json"), "wb") as f:
+        f.write(json.dumps(outcome, indent=2, default=str).encode())
+    update_manifest(version.uri, "training", outcome)
 
 
 # ---- local: TRL SFT on this machine's CPU, in a subprocess --------------------------------------
@@ -226,7 +217,7 @@ def train_prefect(
             f"flow run {child.id} of {name} did not finish within {settings.timeout_s} s; "
             "it keeps running, and a re-run of this stage waits for it again."
         )
-    recorded = json.loads(_read_text(version.path("training/outcome.json")) or "{}")
+    recorded = json.loads(read_text(version.path("training/outcome.json")) or "{}")
     return {
         "backend": "prefect",
         "status": "succeeded" if state.is_completed() else "failed",

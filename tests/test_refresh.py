@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def test_added_seeds_lead_to_new_examples_drawn_on_them(
     assert new_ids <= set(rows.loc[rows["source"] == "seed", "id"])
     added = rows[(rows["run_id"] == refreshed["flow_run_id"]) & (rows["source"] == "generated")]
     extra = manifest["refresh"]["extra_for_new_seeds"]
-    assert extra == 40 * 2 // (len(seeds) + 2) + 1  # ceil(target * new / all)
+    assert extra == math.ceil(40 * 2 / (len(seeds) + 2))  # target * new / all, rounded up
     assert len(added) >= extra
     assert added["seed_ids"].map(lambda ids: bool(new_ids.intersection(ids))).all()
     assert len(rows) == len(before) + 2 + len(added)
