@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -596,35 +598,45 @@ class ConcurrencyLimit:
 
 
 class _Slots:
-    """A FIFO semaphore whose size can change: requests in flight under ConcurrencyLimit."""
+    """A semaphore whose size can change (requests in flight under ConcurrencyLimit), granted by
+    priority, then first come first served.
+
+    Lower priority values go first: expansion requests, whose replies make more work, pass the
+    answers queued before them, so the answers only fill the slots expansion leaves free.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.in_use = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
 
     def resize(self, size: int) -> None:
         self.size = size
         self._wake()
 
-    async def __aenter__(self) -> None:
+    @contextlib.asynccontextmanager
+    async def take(self, priority: int = 0) -> AsyncIterator[None]:
+        await self._acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def _acquire(self, priority: int) -> None:
         if self.in_use < self.size and not self._waiters:
             self.in_use += 1
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        heapq.heappush(self._waiters, (priority, next(self._order), waiter))
+        self._wake()
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted, then cancelled before it could run: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+            # else: still queued; _wake skips a cancelled waiter
             raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
 
     def release(self) -> None:
         self.in_use -= 1
@@ -632,7 +644,7 @@ class _Slots:
 
     def _wake(self) -> None:
         while self._waiters and self.in_use < self.size:
-            waiter = self._waiters.popleft()
+            _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
                 self.in_use += 1
                 waiter.set_result(None)
@@ -712,6 +724,10 @@ class _Stopped(Exception):
     """Raised on the loop when the engine stops; `complete` turns it into TeacherInterrupted."""
 
 
+class _MalformedReply(Exception):
+    """A 2xx answer whose body is not a chat completion."""
+
+
 class _OverBudget(Exception):
     """A request that could pass the spending cap was not sent."""
 
@@ -721,13 +737,17 @@ class _Run:
     """One `complete` call on the loop: its fetch tasks and how it ends."""
 
     label: str
-    wake: asyncio.Event
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     stats: CallStats = field(default_factory=CallStats)
     tasks: set[asyncio.Task[tuple[str, ChatResult]]] = field(default_factory=set)
     task_id: Any = None
     error: BaseException | None = None
     failed: bool = False  # send nothing more for this call
     active: bool = True  # its progress row still exists
+    priority: int = 0  # of its requests for a slot: lower goes first
+    # Called on the loop with each answer as it is known (cached ones first): ReplyStream.
+    on_result: Callable[[str, ChatResult], None] | None = None
+    halted: bool = False  # its caller needs no more answers: send nothing more, no error
 
 
 def check_settings(endpoint: TeacherEndpoint, settings: EngineSettings) -> Price | None:
@@ -856,12 +876,32 @@ class TeacherEngine:
         return self._batches.counts() if self._batches is not None else None
 
     def complete(
-        self, requests: Sequence[ChatRequest], label: str
+        self, requests: Sequence[ChatRequest], label: str, priority: int = 0
     ) -> tuple[list[ChatResult], CallStats]:
-        """Answer every request (cache first), in order; blocks the calling thread."""
+        """Answer every request (cache first), in order; blocks the calling thread.
+
+        `priority`: of these requests for a slot against other calls' (lower goes first).
+        """
+        future = self._submit(requests, _Run(label=label, priority=priority))
+        return self._wait(future)
+
+    def stream(
+        self, requests: Sequence[ChatRequest], label: str, priority: int = 0
+    ) -> ReplyStream:
+        """The answers to `requests` in order, each as soon as it and those before it are in;
+        `close()` the stream to send nothing more (the requests on the wire still land)."""
+        return ReplyStream(self, requests, label, priority)
+
+    def _submit(
+        self, requests: Sequence[ChatRequest], run: _Run
+    ) -> concurrent.futures.Future[tuple[list[ChatResult], CallStats]]:
         if self._closed:
-            raise TeacherInterrupted(f"{label}: the teacher engine is closed; nothing was sent.")
-        future = self._loop.submit(self._complete(requests, label))
+            raise TeacherInterrupted(
+                f"{run.label}: the teacher engine is closed; nothing was sent."
+            )
+        return self._loop.submit(self._complete(requests, run))
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
         try:
             return future.result()
         except KeyboardInterrupt:
@@ -871,14 +911,25 @@ class TeacherEngine:
         except _Stopped as exc:
             raise TeacherInterrupted(str(exc)) from None
 
+    def _halt(self, run: _Run) -> None:
+        """On the loop: the call's caller needs no more answers (ReplyStream.close)."""
+        run.halted = True
+        run.failed = True  # _may_send refuses the rest
+        for task in run.tasks - self._sending:
+            task.cancel()  # waiting for a slot: never sent
+        run.wake.set()
+
     async def _complete(
-        self, requests: Sequence[ChatRequest], label: str
+        self, requests: Sequence[ChatRequest], run: _Run
     ) -> tuple[list[ChatResult], CallStats]:
         started = time.monotonic()
+        label = run.label
         keys = [r.key(self.endpoint) for r in requests]
         unique: dict[str, ChatRequest] = dict(zip(keys, requests, strict=True))
         done = self.cache.get_many(list(unique))
-        run = _Run(label=label, wake=asyncio.Event())
+        if run.on_result is not None:
+            for key, result in done.items():
+                run.on_result(key, result)
         run.stats.requests = len(requests)
         run.stats.cached = sum(1 for k in keys if k in done)
         self.totals.requests += run.stats.requests
@@ -910,30 +961,36 @@ class TeacherEngine:
             else:
                 key, result = task.result()
                 done[key] = result
+                if run.on_result is not None:
+                    run.on_result(key, result)
             if not run.tasks:
                 run.wake.set()
 
         try:
             if self._batches is not None:
+                known = set(done)
                 try:
                     await self._batches.complete(dict(todo), run, done)
                 except _Stopped:
                     pass  # raised below, saying what was answered
                 except _OverBudget as exc:
                     run.error = exc
+                if run.on_result is not None:
+                    for key in done.keys() - known:
+                        run.on_result(key, done[key])
                 todo = []
             for key, req in todo:
                 await window.acquire()
-                if run.error is not None or self._stopping:
+                if run.error is not None or self._stopping or run.halted:
                     break
                 task = asyncio.create_task(self._fetch(key, req, run))
                 run.tasks.add(task)
                 self._tasks.add(task)
                 task.add_done_callback(finished)
-            while run.tasks and run.error is None and not self._stopping:
+            while run.tasks and run.error is None and not self._stopping and not run.halted:
                 run.wake.clear()
                 await run.wake.wait()
-            if run.error is not None and not self._stopping:
+            if (run.error is not None or run.halted) and not self._stopping:
                 # Send nothing more for this call, but let the requests on the wire finish into
                 # the cache: they are paid for, and a retry of this call must not send them again.
                 run.failed = True
@@ -957,10 +1014,18 @@ class TeacherEngine:
             raise self._budget_error(label, len(unique) - len(done)) from None
         if run.error is not None:
             raise run.error
+        unsent = ""
+        if run.halted:
+            # Only what was answered counts as this call's requests; the rest was never sent.
+            answered = sum(1 for k in keys if k in done)
+            self.totals.requests -= run.stats.requests - answered
+            self.planned -= len(unique) - sum(1 for k in unique if k in done)
+            unsent = f", {run.stats.requests - answered} not sent (enough answers)"
+            run.stats.requests = answered
         run.stats.seconds = time.monotonic() - started
         self.totals.seconds += run.stats.seconds
         logger.info(
-            "%s: %d requests, %d cached, %d sent, %d retried, %.1f s%s",
+            "%s: %d requests, %d cached, %d sent, %d retried, %.1f s%s%s",
             label,
             run.stats.requests,
             run.stats.cached,
@@ -968,8 +1033,9 @@ class TeacherEngine:
             run.stats.retries,
             run.stats.seconds,
             "" if run.stats.cost_usd is None else f", {format_usd(run.stats.cost_usd)}",
+            unsent,
         )
-        return [done[k] for k in keys], run.stats
+        return [done[k] for k in keys if k in done], run.stats
 
     def _stopped_message(self, label: str, answered: int, total: int, in_flight: int) -> str:
         return (
@@ -1088,7 +1154,7 @@ class TeacherEngine:
             delay: float | None = None
             error: Exception
             used = self._form
-            async with self._slots:
+            async with self._slots.take(run.priority):
                 # Pace inside the slot: a request waiting for its turn must not have been
                 # scheduled before the limits were learned.
                 await self._limiter.wait(req.estimated_tokens())
@@ -1109,7 +1175,9 @@ class TeacherEngine:
                         latency, in_flight = timing[1] - timing[0], len(self._sending)
                         changed = self._concurrency.answered(epoch, latency, in_flight, self._lag)
                         self._adapt(changed)
-                    completion = raw.parse()
+                    # The body as JSON, not the SDK's typed ChatCompletion: building that model
+                    # cost ~0.4 ms an answer on the engine's one thread (py-spy, bench 1b).
+                    body = _json_body(raw.content)
                 except openai.APIStatusError as exc:
                     if self._learn_form(exc, req, used):
                         self._count(run, sent=-1)
@@ -1130,13 +1198,18 @@ class TeacherEngine:
                     error = exc
                     if (why := self.endpoint.failure()) is not None:
                         raise TeacherUnavailable(why) from exc  # retrying cannot help
+                except _MalformedReply as exc:  # a proxy's error page, a cut-off body
+                    error = exc
                 else:
                     self._limiter.observe(raw.headers)
-                    result = _to_result(completion, raw.headers.get("x-request-id"))
+                    result = _result_from_body(body, raw.headers.get("x-request-id"))
                     self.cache.put(key, result)
-                    usage = completion.usage
                     self._charge(
-                        run, req, (usage.prompt_tokens, usage.completion_tokens) if usage else None
+                        run,
+                        req,
+                        (result.prompt_tokens, result.completion_tokens)
+                        if body.get("usage")
+                        else None,
                     )
                     if self._stopping:
                         self._drained += 1
@@ -1224,6 +1297,81 @@ class TeacherEngine:
                 abandoned,
                 self.settings.drain_grace_s,
             )
+
+
+class ReplyStream:
+    """One engine call's answers in request order, each as soon as it and those before it are
+    in (TeacherEngine.stream): a caller can work on the first replies while the rest are on the
+    wire, and stop the call once it has enough."""
+
+    _END = None  # queued when the call is over
+
+    def __init__(
+        self, engine: TeacherEngine, requests: Sequence[ChatRequest], label: str, priority: int
+    ) -> None:
+        self._engine = engine
+        self._keys = [r.key(engine.endpoint) for r in requests]
+        self._ready: dict[str, ChatResult] = {}
+        # Filled on the loop thread, read by the caller's.
+        self._queue: queue.SimpleQueue[tuple[str, ChatResult] | None] = queue.SimpleQueue()
+        self._run = _Run(label=label, priority=priority, on_result=self._arrived)
+        self._future = engine._submit(requests, self._run)
+        self._future.add_done_callback(lambda _: self._queue.put(self._END))
+        self._stats: CallStats | None = None
+
+    def _arrived(self, key: str, result: ChatResult) -> None:
+        self._queue.put((key, result))
+
+    def __iter__(self) -> Iterator[ChatResult]:
+        for key in self._keys:
+            while key not in self._ready:
+                item = self._queue.get()
+                if item is self._END:
+                    self.stats  # noqa: B018  (raises the call's error, if it failed)
+                    if key not in self._ready:
+                        return  # closed before this answer came
+                    break
+                self._ready[item[0]] = item[1]
+            yield self._ready[key]
+
+    def close(self) -> None:
+        """Send nothing more for this call; what is on the wire lands in the cache."""
+        if not self._future.done():
+            self._engine._loop.call_soon(lambda: self._engine._halt(self._run))
+
+    @property
+    def stats(self) -> CallStats:
+        """The call's stats, once it is over (waits for it; raises its error)."""
+        if self._stats is None:
+            _, self._stats = self._engine._wait(self._future)
+        return self._stats
+
+
+def _json_body(content: bytes) -> dict[str, Any]:
+    """A chat completion's JSON body; a body that is not one is the endpoint's fault (retried)."""
+    try:
+        body = json.loads(content)
+        if isinstance(body, dict) and isinstance(body["choices"][0]["message"], dict):
+            return body
+    except (ValueError, KeyError, IndexError, TypeError):
+        pass
+    raise _MalformedReply(f"not a chat completion: {content[:120]!r}")
+
+
+def _result_from_body(body: dict[str, Any], request_id: str | None) -> ChatResult:
+    """_to_result of a chat completion's JSON body."""
+    choice = body["choices"][0]
+    message = choice["message"]
+    usage = body.get("usage") or {}
+    return ChatResult(
+        content=message.get("content") or "",
+        finish_reason=choice.get("finish_reason") or "",
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        model=body.get("model") or "",
+        request_id=request_id or body.get("id") or "",
+        refusal=message.get("refusal"),
+    )
 
 
 def _to_result(completion: Any, request_id: str | None) -> ChatResult:
