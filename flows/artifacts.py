@@ -16,9 +16,10 @@ from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
 from prefect.assets import Asset
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 
 from tasks.cost import format_usd
 from tasks.recipe import Recipe
@@ -233,8 +234,12 @@ class TeacherProgress:
 
     def _update(self, final: float | None = None) -> None:
         share, text = self._numbers()
+        update = ArtifactUpdate(data=final if final is not None else share, description=text)
         try:
-            update_progress_artifact(self._id, final if final is not None else share, text)
+            # Not prefect.artifacts.update_progress_artifact: it opens a client per call and
+            # never closes it (Prefect 3.9.1), a socket left to the garbage collector each time.
+            with get_client(sync_client=True) as client:
+                client.update_artifact(artifact_id=self._id, artifact=update)
         except Exception as exc:  # the UI's progress must never break the run
             logger.debug("progress artifact not updated: %s", exc)
 

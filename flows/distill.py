@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import queue
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.assets import Asset, AssetProperties, materialize
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -27,7 +29,7 @@ from flows.review import review_gate
 from tasks import embedded
 from tasks.answer import AnswerResult, answer_inputs
 from tasks.cost import price_for
-from tasks.expand import INPUT_COLUMNS, expand_inputs
+from tasks.expand import INPUT_COLUMNS, ExpansionResult, expand_inputs
 from tasks.export import (
     PublishedVersion,
     assemble_candidates,
@@ -121,24 +123,46 @@ def _run_name() -> str:
     return f"{stem}-{datetime.now(UTC):%Y-%m-%d-%H%M}"
 
 
-def _answer_all(
-    recipe: Recipe, endpoint: TeacherEndpoint, inputs: pd.DataFrame, cycle: int, size: int
-) -> list[AnswerResult]:
-    futures = [
-        answer_inputs.submit(
-            recipe, endpoint, inputs.iloc[i : i + size], f"cycle-{cycle}-batch-{i // size + 1}"
-        )
-        for i in range(0, len(inputs), size)
-    ]
-    results, pending = [], []
-    for future in futures:  # every task's batches, when they all outlive the hold
-        try:
-            results.append(future.result())
-        except BatchesPending as exc:
-            pending.append(exc)
-    if pending:
-        raise BatchesPending.combine(pending)
-    return results
+class AnswerStage:
+    """The answer tasks of a run: submitted as inputs come (seeds at once, generated inputs in
+    batches while expansion goes on), collected when a cycle's expansion is over."""
+
+    def __init__(self, recipe: Recipe, endpoint: TeacherEndpoint, size: int) -> None:
+        self.recipe, self.endpoint, self.size = recipe, endpoint, size
+        self.results: list[AnswerResult] = []
+        self._futures: list[PrefectFuture[AnswerResult]] = []
+        self._batches: Counter[int] = Counter()  # answer tasks submitted per cycle
+        self._pending_rows = 0  # inputs of the tasks not collected yet
+
+    def submit(self, inputs: pd.DataFrame, cycle: int) -> None:
+        """Answer `inputs` (at most `size` rows) in one task."""
+        self._batches[cycle] += 1
+        self._pending_rows += len(inputs)
+        label = f"cycle-{cycle}-batch-{self._batches[cycle]}"
+        self._futures.append(answer_inputs.submit(self.recipe, self.endpoint, inputs, label))
+
+    def submit_all(self, inputs: pd.DataFrame, cycle: int) -> None:
+        for i in range(0, len(inputs), self.size):
+            self.submit(inputs.iloc[i : i + self.size].reset_index(drop=True), cycle)
+
+    @property
+    def expected(self) -> int:
+        """Accepted answers, plus the inputs still being answered: assumed accepted, so that
+        expansion need not wait for them (a cycle short of rejected answers is made up by the
+        next one)."""
+        return sum(_accepted(r) for r in self.results) + self._pending_rows
+
+    def collect(self) -> None:
+        """Wait for every submitted task; BatchesPending if batches outlived the hold."""
+        pending = []
+        for future in self._futures:  # every task's batches, when they all outlive the hold
+            try:
+                self.results.append(future.result())
+            except BatchesPending as exc:
+                pending.append(exc)
+        self._futures, self._pending_rows = [], 0
+        if pending:
+            raise BatchesPending.combine(pending)
 
 
 @dataclass
@@ -173,7 +197,12 @@ def teacher_needed(plan: RefreshPlan) -> bool:
 def generate(
     recipe: Recipe, endpoint: TeacherEndpoint, plan: RefreshPlan, batch_size: int
 ) -> Generation:
-    """Answer what the plan lists, then expand and answer until the plan's goal is reached."""
+    """Answer what the plan lists, then expand and answer until the plan's goal is reached.
+
+    The stages overlap: the listed inputs are answered while expansion runs, and generated
+    inputs are answered in batches while expansion goes on, so that the teacher's slots stay
+    busy from the first request to the last (bench item 1b).
+    """
     out = Generation(answered=pd.DataFrame())
     if not teacher_needed(plan):
         return out
@@ -182,16 +211,19 @@ def generate(
     started = time.monotonic()
     stats = CallStats()
     inputs = pd.concat([plan.kept[INPUT_COLUMNS], plan.to_answer], ignore_index=True)
-    answered: list[AnswerResult] = []
+    answers = AnswerStage(recipe, endpoint, batch_size)
     with _until_batches_pending(out), artifacts.TeacherProgress(engine, plan.goal):
         if len(plan.to_answer):
-            answered += _answer_all(recipe, endpoint, plan.to_answer, 0, batch_size)
+            answers.submit_all(plan.to_answer, 0)
         for cycle in range(1, MAX_CYCLES + 1):
-            kept = len(plan.kept) + sum(_accepted(a) for a in answered)
+            kept = len(plan.kept) + answers.expected
             if kept >= plan.goal:
-                break
-            expansion = expand_inputs(
-                recipe, endpoint, inputs, plan.goal - kept, cycle, plan.focus, plan.salt
+                answers.collect()
+                kept = len(plan.kept) + answers.expected
+                if kept >= plan.goal:
+                    break
+            expansion = expand_and_answer(
+                recipe, endpoint, inputs, plan, plan.goal - kept, cycle, answers
             )
             stats.add(expansion.stats)
             out.expansion.update(
@@ -206,19 +238,63 @@ def generate(
                 out.rejected_inputs.append(expansion.rejected)
             if expansion.shortfall:
                 out.shortfall.append(expansion.shortfall)
+            answers.collect()
             if expansion.accepted.empty:
                 break
             inputs = pd.concat([inputs, expansion.accepted], ignore_index=True)
-            answered += _answer_all(recipe, endpoint, expansion.accepted, cycle, batch_size)
-    for a in answered:
+        answers.collect()
+    for a in answers.results:
         stats.add(a.stats)
-    if answered:
-        out.answered = pd.concat([a.rows for a in answered], ignore_index=True)
+    if answers.results:
+        out.answered = pd.concat([a.rows for a in answers.results], ignore_index=True)
     out.requests = stats.requests
     out.this_run = engine.totals.since(before)
     out.seconds = round(time.monotonic() - started, 2)
     out.structured_form = engine.structured_form
     return out
+
+
+def expand_and_answer(
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    inputs: pd.DataFrame,
+    plan: RefreshPlan,
+    want: int,
+    cycle: int,
+    answers: AnswerStage,
+) -> ExpansionResult:
+    """One cycle's expand task, its accepted inputs answered in batches as they come.
+
+    The expand task runs in a worker thread and hands its accepted inputs over as it accepts
+    them (in order); this thread submits an answer task for each full batch, and for the rest
+    once `want` inputs are in or the task is over. A cached expand task hands nothing over: its
+    result is cut into the same batches afterwards.
+    """
+    handed: queue.SimpleQueue[tuple[int, list[dict[str, Any]]] | None] = queue.SimpleQueue()
+    future = expand_inputs.submit(
+        recipe, endpoint, inputs, want, cycle, plan.focus, plan.salt,
+        on_accepted=lambda start, rows: handed.put((start, list(rows))),
+    )  # fmt: skip
+    future.add_done_callback(lambda _: handed.put(None))
+    rows: list[dict[str, Any]] = []  # accepted inputs received, in order
+    submitted = 0
+    while (item := handed.get()) is not None:
+        start, new = item
+        rows += new[len(rows) - start :]  # a retried task starts again from 0: skip what is here
+        while len(rows) - submitted >= answers.size or (submitted < len(rows) >= want):
+            batch = rows[submitted : submitted + answers.size]
+            answers.submit(pd.DataFrame(batch, columns=INPUT_COLUMNS), cycle)
+            submitted += len(batch)
+    expansion = future.result()
+    accepted = expansion.accepted
+    if list(accepted["id"][:submitted]) != [r["id"] for r in rows[:submitted]]:
+        raise RuntimeError(  # the order of accepted inputs is deterministic; never expected
+            f"expand cycle {cycle}: the inputs handed over while it ran differ from its result"
+        )
+    rest = accepted.iloc[submitted:].to_dict("records")
+    for i in range(0, len(rest), answers.size):
+        answers.submit(pd.DataFrame(rest[i : i + answers.size], columns=INPUT_COLUMNS), cycle)
+    return expansion
 
 
 @contextmanager

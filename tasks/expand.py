@@ -8,6 +8,7 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,14 @@ from tasks.teacher import (
 logger = logging.getLogger("distillery.expand")
 
 # Bump when the prompt building or parsing changes, so Prefect's cache of this stage turns over.
-EXPANSION_VERSION = "2"
+EXPANSION_VERSION = "3"
+
+# Expansion requests take a free slot before answer requests queued earlier: their replies are
+# the inputs that keep the answer stage busy (tasks.teacher._Slots).
+EXPANSION_PRIORITY = -1
+
+# on_accepted(start, rows): accepted inputs, as rows of INPUT_COLUMNS, from position `start`.
+Feed = Callable[[int, list[dict[str, Any]]], None]
 
 INPUT_COLUMNS = [
     "id",
@@ -297,12 +305,16 @@ def run_expansion(
     cycle: int,
     focus: tuple[str, ...] = (),
     salt: str = "",
+    on_accepted: Feed | None = None,
 ) -> ExpansionResult:
     """Rounds of expansion until `want` new inputs are accepted or the round cap is reached.
 
     `focus`: seed ids of which every request shows one (seeds added since the last version).
     `salt`: sets the sampling of shown seeds apart from earlier runs (a refresh's previous
     version), so a refresh does not ask the requests that made the rows it already has.
+    `on_accepted(start, rows)`: called as inputs are accepted, with their position among the
+    accepted ones, so the caller can answer them while expansion goes on (a task retry calls
+    it again from position 0 with the same rows).
     """
     cfg = recipe.expansion
     engine = get_engine(endpoint)
@@ -320,6 +332,7 @@ def run_expansion(
     result = ExpansionResult(accepted=pd.DataFrame(columns=INPUT_COLUMNS), rejected=pd.DataFrame())
     accepted: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
+    fed = 0  # accepted rows handed to on_accepted
     m = cfg.examples_per_request
     while len(accepted) < want and result.rounds < cfg.max_rounds:
         missing = want - len(accepted)
@@ -343,12 +356,17 @@ def run_expansion(
             requests.append(build_expansion_request(recipe, shown, m))
             shown_ids.append([sid for sid, _, _ in picked])
         label = f"expand cycle {cycle} round {result.rounds + 1}"
-        replies, stats = engine.complete(requests, label)
-        result.stats.add(stats)
-        result.requests += len(requests)
+        # Replies are judged in request order as they come in (so the outcome does not depend on
+        # which came first), and the round stops sending once `want` inputs are accepted.
+        replies = engine.stream(requests, label, priority=EXPANSION_PRIORITY)
         result.rounds += 1
         parsed_this_round = 0
-        for reply, ids in zip(replies, shown_ids, strict=True):
+        first_reply = None
+        for reply, ids in zip(replies, shown_ids, strict=False):
+            if len(accepted) >= want:
+                break
+            first_reply = first_reply or reply
+            result.requests += 1
             examples = parse_examples(reply.content)
             if not examples:
                 result.rejects["unparseable_reply"] += 1
@@ -387,15 +405,20 @@ def run_expansion(
                     continue
                 index.add(rid, mh)
                 accepted.append(row)
+            if on_accepted is not None and len(accepted) > fed:
+                on_accepted(fed, accepted[fed:])
+                fed = len(accepted)
+        replies.close()
+        result.stats.add(replies.stats)
         result.parsed += parsed_this_round
         # A teacher whose first round gives nothing usable will not start later: stop early. One
         # that did (an earlier round or cycle) can have a bad round, as small models do; the next
         # round samples anew, and the round cap bounds it.
         if cycle == 1 and result.parsed == 0:
-            sample = replies[0].content.strip().replace("\n", " ")[:160] if replies else ""
+            sample = first_reply.content.strip().replace("\n", " ")[:160] if first_reply else ""
             raise TeacherError(
                 f"the teacher at {endpoint.host} (model {endpoint.model!r}) returned no parseable "
-                f"examples in {len(replies)} replies of {label}; first reply began: {sample!r}. "
+                f"examples in {result.requests} replies of {label}; first reply began: {sample!r}. "
                 "Use a model that follows instructions, or set teacher.structured_output in the "
                 "recipe to a form the endpoint supports (json_schema, json_object, text)."
             )
@@ -418,7 +441,7 @@ def run_expansion(
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=retry_worthwhile,
-    cache_policy=INPUTS + TASK_SOURCE,
+    cache_policy=(INPUTS - "on_accepted") + TASK_SOURCE,
     persist_result=True,
 )
 def expand_inputs(
@@ -430,6 +453,7 @@ def expand_inputs(
     focus: tuple[str, ...] = (),
     salt: str = "",
     version: str = EXPANSION_VERSION,
+    on_accepted: Feed | None = None,
 ) -> ExpansionResult:
     """Generate `want` new inputs with the teacher (Self-Instruct rounds)."""
-    return run_expansion(recipe, endpoint, existing, want, cycle, focus, salt)
+    return run_expansion(recipe, endpoint, existing, want, cycle, focus, salt, on_accepted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,3 +217,72 @@ def test_a_bad_round_after_the_first_cycle_is_a_shortfall_not_a_crash(
     assert result.accepted.empty
     assert result.rejects["unparseable_reply"] == result.requests == 4
     assert result.shortfall is not None and "round cap (2)" in result.shortfall
+
+
+def test_a_call_of_higher_priority_takes_the_next_free_slots(make_engine) -> None:  # type: ignore[no-untyped-def]
+    with FakeTeacher(Knobs(latency=0.1)) as server:
+        engine = make_engine(server, concurrency=1, adaptive_concurrency=False)
+        low = threading.Thread(target=engine.complete, args=(chat_requests(20, "low"), "low"))
+        low.start()
+        while server.stats.received < 1:
+            time.sleep(0.005)
+        results, _ = engine.complete(chat_requests(3, "high"), "high", priority=-1)
+        answered = server.stats.answered
+        low.join()
+    assert [r.content for r in results] and len(results) == 3
+    # First come, first served, the 3 would wait for all 20; by priority they go next (the low
+    # call's first request was on the wire already, a second may have got the slot meanwhile).
+    assert answered <= 3 + 2, answered
+
+
+def test_a_stream_yields_answers_in_request_order_and_close_stops_sending(make_engine) -> None:  # type: ignore[no-untyped-def]
+    requests = chat_requests(40, "s")
+    with FakeTeacher(Knobs(latency=0.05)) as server:
+        engine = make_engine(server, concurrency=2, adaptive_concurrency=False)
+        stream = engine.stream(requests, "stream")
+        taken = []
+        for reply in stream:
+            taken.append(reply.content)
+            if len(taken) == 5:
+                break
+        stream.close()
+        stats = stream.stats
+        received = server.stats.received
+        assert [f"Buy {i}?" in text for i, text in enumerate(taken)] == [True] * 5
+        # The 5 taken, the requests on the wire when it closed (at most 2, and 2 more that had
+        # been given a slot as those 5 came in), and none of the other 31 or more.
+        assert 5 <= received <= 5 + 2 * 2, received
+        assert stats.requests == stats.sent == received
+        # The answers that landed are cached: a stream of the same requests starts with them.
+        again = engine.stream(requests[:received], "again")
+        assert [r.content for r in again] == [
+            r.content for r in engine.complete(requests[:received], "c")[0]
+        ]
+        assert again.stats.cached == received and server.stats.received == received
+
+
+def test_expansion_hands_over_its_accepted_inputs_in_order_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISTILLERY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DISTILLERY_CONCURRENCY", "4")
+    recipe = load_recipe(str(REPO / "recipes" / "stock-advisor.yaml"))
+    seeds = seed_inputs(recipe)
+    handed: list[tuple[int, list[str], int]] = []
+
+    def on_accepted(start: int, rows: list[dict[str, object]]) -> None:
+        handed.append((start, [str(r["id"]) for r in rows], server.stats.received))
+
+    with FakeTeacher(Knobs(latency=0.02)) as server:
+        endpoint = TeacherEndpoint(model="fake-teacher", base_url=server.url)
+        try:
+            result = run_expansion(recipe, endpoint, seeds, 60, 1, on_accepted=on_accepted)
+        finally:
+            close_engines()
+    ids = [i for _, rows, _ in handed for i in rows]
+    assert ids == list(result.accepted["id"]) and len(ids) == 60
+    assert [start for start, _, _ in handed] == [
+        sum(len(r) for _, r, _ in handed[:k]) for k in range(len(handed))
+    ]
+    # Handed over while requests were still being sent, not all at the end.
+    assert handed[0][2] < server.stats.received

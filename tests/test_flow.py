@@ -109,6 +109,36 @@ def test_flow_publishes_a_complete_version_and_rerun_sends_no_request(
     assert (out / "stock-advisor" / "LATEST").read_text() == folder.name
 
 
+def test_inputs_are_answered_while_expansion_goes_on(workdir: Path, teacher: FakeTeacher) -> None:
+    """Seeds and the first batches of generated inputs are answered before expansion ends, and
+    a second run, every task cached, cuts the expanded inputs into the same answer batches."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def task_runs(flow_run_id: str) -> dict[str, Any]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        return {r.name: r for r in runs}
+
+    teacher.knobs.latency = 0.02  # so that expansion takes a while
+    summary = run(teacher, workdir / "out", examples=200)
+    runs = task_runs(summary["flow_run_id"])
+    expand_ended = runs["expand-cycle-1"].end_time
+    answers = sorted(n for n in runs if n.startswith("answer-cycle-1-"))
+    assert len(answers) == 8  # 190 generated inputs in batches of 25
+    assert runs["answer-cycle-0-batch-1"].start_time < expand_ended
+    started_early = [n for n in answers if runs[n].start_time < expand_ended]
+    assert len(started_early) >= 2, started_early
+
+    again = run(teacher, workdir / "out", examples=200, refresh=False)
+    rerun = task_runs(again["flow_run_id"])
+    assert again["requests_sent"] == 0
+    assert {n for n in rerun if n.startswith("answer-")} == {*answers, "answer-cycle-0-batch-1"}
+    assert all(rerun[n].state_name == "Cached" for n in rerun if n.startswith(("answer", "expand")))
+
+
 def test_priced_teacher_cost_is_in_the_manifest_and_summary(
     workdir: Path, teacher: FakeTeacher
 ) -> None:
