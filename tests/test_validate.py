@@ -77,8 +77,33 @@ def test_valid_frame_passes_and_writes_data_docs(tmp_path: Path) -> None:
     assert report.evaluated == report.successful == len(report.results)
 
 
-def test_markdown_lists_every_expectation_of_the_suite(tmp_path: Path) -> None:
-    from expectations.suite import build_suite
+# Every expectation of the contract: (type, column), "(table)" for the row count.
+CONTRACT = sorted(
+    [
+        ("expect_table_row_count_to_be_between", "(table)"),
+        ("expect_column_values_to_not_be_null", "status"),
+        ("expect_column_values_to_be_in_set", "status"),
+        *(("expect_column_values_to_not_be_null", c) for c in RECORD_COLUMNS),
+        ("expect_column_values_to_be_unique", "id"),
+        ("expect_column_values_to_match_regex", "id"),
+        *(
+            (kind, c)
+            for c in ("user_context", "question", "answer")
+            for kind in (
+                "expect_column_value_lengths_to_be_between",
+                "expect_column_values_to_not_match_regex",
+            )
+        ),
+        ("expect_column_values_to_be_in_set", "source"),
+        ("expect_column_values_to_be_in_set", "split"),
+        ("expect_column_values_to_be_in_set", "finish_reason"),
+        ("expect_column_values_to_be_between", "max_similarity"),
+    ]
+)
+
+
+def test_markdown_lists_every_expectation_of_the_suites(tmp_path: Path) -> None:
+    from expectations.suite import build_suites
 
     report = run_suite(make_rows(12), SETTINGS, 10, tmp_path)
     markdown = report.to_markdown()
@@ -86,12 +111,18 @@ def test_markdown_lists_every_expectation_of_the_suite(tmp_path: Path) -> None:
     assert "12 answered rows (12 accepted, 0 rejected)" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| expect_")]
     listed = [tuple(cell.strip() for cell in row.strip("|").split("|")[:2]) for row in rows]
-    suite = build_suite(SETTINGS, 10)
-    assert sorted(listed) == sorted(  # GX reports in its own order, not the suite's
-        (e.expectation_type, getattr(e, "column", None) or "(table)") for e in suite.expectations
-    )
-    assert {("expect_column_values_to_not_be_null", c) for c in RECORD_COLUMNS} <= set(listed)
+    suites = build_suites(SETTINGS, 10)
+    in_suites = [
+        (e.expectation_type, getattr(e, "column", None) or "(table)")
+        for suite in suites
+        for e in suite.expectations
+    ]
+    assert sorted(listed) == sorted(in_suites) == CONTRACT  # GX reports in its own order
     assert all(row.endswith("| pass |") for row in rows)
+    # The status checks see every answered row; the rest only the accepted ones, which the
+    # runner filters once, so no expectation carries a row_condition of its own.
+    assert {getattr(e, "column", None) for e in suites.answered.expectations} == {"status"}
+    assert all(not getattr(e, "row_condition", None) for s in suites for e in s.expectations)
 
 
 def test_duplicated_id_fails_on_id(tmp_path: Path) -> None:
