@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from expectations import worker
 from tasks.recipe import ValidationSettings
 from tasks.record import RECORD_COLUMNS, record_id
-from tasks.validate import ValidationFailed, ValidationReport, run_suite, validate_dataset
+from tasks.validate import (
+    ValidationFailed,
+    ValidationReport,
+    ValidationWorkerDied,
+    run_suite,
+    validate_dataset,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 
 SETTINGS = ValidationSettings(max_rejected_share=0.25)
 
@@ -77,8 +93,33 @@ def test_valid_frame_passes_and_writes_data_docs(tmp_path: Path) -> None:
     assert report.evaluated == report.successful == len(report.results)
 
 
-def test_markdown_lists_every_expectation_of_the_suite(tmp_path: Path) -> None:
-    from expectations.suite import build_suite
+# Every expectation of the contract: (type, column), "(table)" for the row count.
+CONTRACT = sorted(
+    [
+        ("expect_table_row_count_to_be_between", "(table)"),
+        ("expect_column_values_to_not_be_null", "status"),
+        ("expect_column_values_to_be_in_set", "status"),
+        *(("expect_column_values_to_not_be_null", c) for c in RECORD_COLUMNS),
+        ("expect_column_values_to_be_unique", "id"),
+        ("expect_column_values_to_match_regex", "id"),
+        *(
+            (kind, c)
+            for c in ("user_context", "question", "answer")
+            for kind in (
+                "expect_column_value_lengths_to_be_between",
+                "expect_column_values_to_not_match_regex",
+            )
+        ),
+        ("expect_column_values_to_be_in_set", "source"),
+        ("expect_column_values_to_be_in_set", "split"),
+        ("expect_column_values_to_be_in_set", "finish_reason"),
+        ("expect_column_values_to_be_between", "max_similarity"),
+    ]
+)
+
+
+def test_markdown_lists_every_expectation_of_the_suites(tmp_path: Path) -> None:
+    from expectations.suite import build_suites
 
     report = run_suite(make_rows(12), SETTINGS, 10, tmp_path)
     markdown = report.to_markdown()
@@ -86,12 +127,18 @@ def test_markdown_lists_every_expectation_of_the_suite(tmp_path: Path) -> None:
     assert "12 answered rows (12 accepted, 0 rejected)" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| expect_")]
     listed = [tuple(cell.strip() for cell in row.strip("|").split("|")[:2]) for row in rows]
-    suite = build_suite(SETTINGS, 10)
-    assert sorted(listed) == sorted(  # GX reports in its own order, not the suite's
-        (e.expectation_type, getattr(e, "column", None) or "(table)") for e in suite.expectations
-    )
-    assert {("expect_column_values_to_not_be_null", c) for c in RECORD_COLUMNS} <= set(listed)
+    suites = build_suites(SETTINGS, 10)
+    in_suites = [
+        (e.expectation_type, getattr(e, "column", None) or "(table)")
+        for suite in suites
+        for e in suite.expectations
+    ]
+    assert sorted(listed) == sorted(in_suites) == CONTRACT  # GX reports in its own order
     assert all(row.endswith("| pass |") for row in rows)
+    # The status checks see every answered row; the rest only the accepted ones, which the
+    # runner filters once, so no expectation carries a row_condition of its own.
+    assert {getattr(e, "column", None) for e in suites.answered.expectations} == {"status"}
+    assert all(not getattr(e, "row_condition", None) for s in suites for e in s.expectations)
 
 
 def test_duplicated_id_fails_on_id(tmp_path: Path) -> None:
@@ -206,3 +253,171 @@ def test_validate_task_raises_and_publishes_the_report_artifact(
             artifact_filter=only_reports, sort=ArtifactSort.CREATED_DESC, limit=1
         )
     assert "Validation FAILED" in str(artifact.data)
+
+
+# ---- the Great Expectations worker process ---------------------------------------------------
+
+
+def run_python(*args: str) -> subprocess.Popen[str]:
+    """A fresh interpreter on this checkout's code (GX is imported in this one by other tests)."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def gone(pid: int, timeout: float) -> bool:
+    """Whether the process ended (or is a zombie nobody reaped yet) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+# A flow's main module imports Prefect (`distillery run`, `python -m prefect.engine`): spawn would
+# import it again in the worker unless the worker is started without it.
+CALLER = """
+import json, os, sys
+from pathlib import Path
+
+import pandas as pd
+
+from expectations import worker
+from tasks.recipe import ValidationSettings
+from tasks.validate import validate_dataset  # noqa: F401 - the flow's module, Prefect and all
+
+if __name__ == "__main__":
+    tmp = Path(sys.argv[1])
+    (tmp / "docs").mkdir()
+    frame = pd.read_pickle(tmp / "frame.pkl")
+    # What validate_dataset calls; no preload before it: it starts the worker itself.
+    report = worker.run_in_worker(frame, ValidationSettings(), 10, tmp / "docs")
+    seen = {"pid": os.getpid(), "worker": worker.worker_info(), "report": report.to_dict()}
+    print(json.dumps({**seen, "gx_here": "great_expectations" in sys.modules}))
+"""
+
+
+def test_the_suite_runs_in_the_worker_and_gx_is_never_imported_by_the_caller(
+    tmp_path: Path,
+) -> None:
+    frame = make_rows(12)
+    frame.loc[3, "answer"] = "Buy."
+    frame.to_pickle(tmp_path / "frame.pkl")
+    (tmp_path / "caller.py").write_text(CALLER)
+    proc = run_python(str(tmp_path / "caller.py"), str(tmp_path))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["worker"]["pid"] != seen["pid"]
+    assert seen["worker"]["great_expectations"] is True
+    assert seen["worker"]["prefect"] is False
+    assert seen["gx_here"] is False
+    (failure,) = seen["report"]["failed"]
+    assert failure["expectation"] == "expect_column_value_lengths_to_be_between"
+    assert failure["failing_ids"] == [frame.loc[3, "id"]]
+    assert (tmp_path / "docs" / "index.html").exists()
+
+
+def test_a_killed_worker_is_replaced_and_the_next_validation_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = make_rows(12)
+    (tmp_path / "a").mkdir()
+    assert worker.run_in_worker(frame, SETTINGS, 10, tmp_path / "a").success
+    first = worker.worker_info()["pid"]
+    assert first != os.getpid()
+    os.kill(first, signal.SIGKILL)
+    assert gone(first, 10)
+    frame.loc[3, "answer"] = "Buy."
+    (tmp_path / "b").mkdir()
+    with caplog.at_level(logging.WARNING, logger="distillery.validate"):
+        report = worker.run_in_worker(frame, SETTINGS, 10, tmp_path / "b")
+    assert [f.failing_ids for f in report.failed] == [(frame.loc[3, "id"],)]
+    assert (tmp_path / "b" / "index.html").exists()
+    assert f"(pid {first}) was killed by SIGKILL" in caplog.text
+    assert worker.worker_info()["pid"] not in (first, os.getpid())
+
+
+def test_list_columns_sent_as_stand_ins_still_fail_on_their_nulls(tmp_path: Path) -> None:
+    frame = make_rows(12)
+    frame.at[4, "messages"] = None
+    frame.at[5, "seed_ids"] = None
+    report = worker.run_in_worker(frame, SETTINGS, 10, tmp_path)
+    assert {(f.expectation, f.column, f.failing_ids) for f in report.failed} == {
+        ("expect_column_values_to_not_be_null", "messages", (frame.loc[4, "id"],)),
+        ("expect_column_values_to_not_be_null", "seed_ids", (frame.loc[5, "id"],)),
+    }
+
+
+class ExitOnUnpickle:
+    """A cell value that ends the process that unpickles it: a worker that dies on every try."""
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return (os._exit, (3,))
+
+
+def test_a_worker_that_dies_twice_fails_with_a_clear_error_and_the_next_run_works(
+    tmp_path: Path,
+) -> None:
+    frame = make_rows(12)
+    frame["teacher_model"] = frame["teacher_model"].astype(object)
+    frame.loc[2, "teacher_model"] = ExitOnUnpickle()
+    with pytest.raises(ValidationWorkerDied) as info:
+        worker.run_in_worker(frame, SETTINGS, 10, tmp_path)
+    assert re.fullmatch(
+        r"validation did not run: the Great Expectations worker process \(pid \d+\) exited "
+        r"with code 3, and the fresh one started after it \(pid \d+\) exited with code 3; .*",
+        str(info.value),
+    )
+    assert worker.run_in_worker(make_rows(12), SETTINGS, 10, tmp_path).success
+
+
+@pytest.mark.parametrize("ending", ["SIGKILL", "exit"])
+def test_the_worker_does_not_outlive_its_parent(ending: str) -> None:
+    script = (
+        "import sys, time\n"
+        "from expectations import worker\n"
+        "print(worker.worker_info()['pid'], flush=True)  # warm and idle, waiting for a call\n"
+        "if sys.argv[1] == 'SIGKILL':\n"
+        "    time.sleep(600)\n"
+    )
+    parent = run_python("-c", script, ending)
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    assert not gone(pid, 0)
+    if ending == "SIGKILL":
+        os.kill(parent.pid, signal.SIGKILL)
+    assert parent.wait(timeout=60) == (-signal.SIGKILL if ending == "SIGKILL" else 0)
+    parent.stdout.close()
+    assert gone(pid, 5), f"the GX worker {pid} outlived its parent ({ending})"
+
+
+def test_a_run_that_ends_before_validation_does_not_wait_for_the_gx_import() -> None:
+    """A flow run that stops early (bad recipe, Ctrl-C) exits while the worker still imports."""
+    script = (
+        "import time\n"
+        "from expectations import worker\n"
+        "worker.preload()\n"
+        "print(time.time(), flush=True)\n"
+    )
+    parent = run_python("-c", script)
+    assert parent.stdout is not None
+    preloaded = float(parent.stdout.readline())
+    assert parent.wait(timeout=60) == 0
+    exit_s = time.time() - preloaded
+    parent.stdout.close()
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import great_expectations"], check=True)
+    import_s = time.monotonic() - started
+    assert exit_s < import_s / 2, f"exit took {exit_s:.2f} s, importing GX {import_s:.2f} s"

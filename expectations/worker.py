@@ -1,0 +1,242 @@
+"""The Great Expectations worker: one long-lived process per flow process runs the GX suites.
+
+The flow process's GIL is shared with the teacher engine's asyncio loop. Importing
+great_expectations there (3-4 s of CPU) and running the suites (about a second at 2,000 rows)
+delayed the teacher's requests, so both happen in a single spawned worker process instead: a
+flow starts it (preload) before the teacher stages, its import runs on the other core, and later
+flow runs in the same process reuse it.
+
+Prefect-free on purpose, like expectations.runner: the worker imports these two modules (and
+tasks.recipe, tasks.record), never prefect. This module imports little at the top (pandas and
+the rest come with the first call or the import thread), so that the worker is ready for calls
+within a fraction of a second of its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import types
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from expectations.runner import ValidationReport
+    from tasks.recipe import ValidationSettings
+
+logger = logging.getLogger("distillery.validate")
+
+
+class ValidationWorkerDied(RuntimeError):
+    """The GX worker process ended abruptly on both tries (killed, out of memory, crashed)."""
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A spawned process that does not run the parent's __main__ module again.
+
+    multiprocessing's spawn imports the parent's main module in the child (`distillery run`'s
+    script imports flows.cli and with it Prefect; `python -m prefect.engine` is Prefect itself),
+    which is exactly the import the worker is meant to spare. While the process is launched the
+    parent's __main__ is a bare module, so there is none to import; the worker's code lives in
+    importable modules and does not need it.
+    """
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            sys.modules["__main__"] = main
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    """The spawn context, starting _WorkerProcess and remembering it (for its exit code)."""
+
+    def __init__(self) -> None:
+        self.processes: list[_WorkerProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> _WorkerProcess:  # type: ignore[override]
+        process = _WorkerProcess(*args, **kwargs)
+        self.processes.append(process)
+        return process
+
+
+class _Worker:
+    """A one-process pool and what it was started with."""
+
+    def __init__(self) -> None:
+        self.context = _WorkerContext()
+        self.pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=self.context, initializer=_start_worker
+        )
+        # The pool starts its process at the first submit: this one, so the import starts now.
+        self.started: Future[int] = self.pool.submit(os.getpid)
+
+    def ended(self) -> str:
+        """How the worker's process ended, once the pool broke: pid and exit code, in words."""
+        self.pool.shutdown(wait=True, cancel_futures=True)  # joins the process too
+        if not self.context.processes:
+            return "did not start"
+        process = self.context.processes[0]
+        code = process.exitcode
+        if code is None:
+            return f"(pid {process.pid}) ended abruptly"
+        if code < 0:
+            name = signal.Signals(-code).name
+            oom = " (as the kernel's out-of-memory killer does)" if name == "SIGKILL" else ""
+            return f"(pid {process.pid}) was killed by {name}{oom}"
+        return f"(pid {process.pid}) exited with code {code}"
+
+
+_lock = threading.Lock()
+_worker: _Worker | None = None
+
+
+def _current() -> _Worker:
+    global _worker
+    with _lock:
+        if _worker is None:
+            _worker = _Worker()
+        return _worker
+
+
+def _discard(worker: _Worker) -> str:
+    global _worker
+    with _lock:
+        if _worker is worker:
+            _worker = None
+    return worker.ended()
+
+
+def preload() -> None:
+    """Start the worker (once per process) so that its great_expectations import overlaps the
+    teacher stages on the other core; the process spawns in a few milliseconds of this thread.
+    """
+    _current()
+
+
+def worker_info() -> dict[str, Any]:
+    """The worker's pid and whether it imported great_expectations and prefect (diagnostics)."""
+    return _current().pool.submit(_info).result()
+
+
+def run_in_worker(
+    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int, docs_dir: Path
+) -> ValidationReport:
+    """run_suite in the worker process; a worker that died is replaced and tried once more.
+
+    The worker gets suite_frame's columns (only what the suites read) and the settings through
+    a pickle file: pickled through the pool's pipe instead, 100,000 rows raised this process's
+    peak RSS by 339 MiB (the pickle is built in memory, 114 MiB, with copies); written to a
+    file, by 38.
+    """
+    from expectations.runner import suite_frame
+
+    with tempfile.TemporaryDirectory(prefix="distillery-gx-frame-") as tmp:
+        job = Path(tmp) / "candidates.pkl"
+        with job.open("wb") as file:
+            pickle.dump((suite_frame(candidates), settings), file, pickle.HIGHEST_PROTOCOL)
+        first = ""
+        for attempt in (1, 2):
+            worker = _current()
+            try:
+                return worker.pool.submit(_run_suite_from_file, job, min_rows, docs_dir).result()
+            except BrokenProcessPool as error:
+                ended = _discard(worker)
+                if attempt == 2:
+                    raise ValidationWorkerDied(
+                        f"validation did not run: the Great Expectations worker process {first}, "
+                        f"and the fresh one started after it {ended}; the workers' own output, "
+                        f"if any, is in the log above"
+                    ) from error
+                first = ended
+                logger.warning(
+                    "the Great Expectations worker process %s; starting a fresh one and "
+                    "validating again",
+                    ended,
+                )
+                for entry in docs_dir.iterdir():  # what the dead worker may have written
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ---- in the worker process -----------------------------------------------------------------
+
+
+_gx_import: threading.Thread | None = None
+
+
+def _start_worker() -> None:
+    """The worker's initializer: follow the parent out, and start importing great_expectations.
+
+    The import runs beside the worker's call loop, not in this initializer: at exit the parent
+    waits for the calls it has pending (preload's first one included), and a flow run that ends
+    before validation (a bad recipe, Ctrl-C) should not wait seconds for the import to finish.
+    """
+    global _gx_import
+    # Ctrl-C reaches the whole process group: the flow process handles it, and stops the worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, name="distillery-gx-parent", daemon=True).start()
+    _gx_import = threading.Thread(
+        target=_import_great_expectations, name="distillery-gx-import", daemon=True
+    )
+    _gx_import.start()
+
+
+def _import_great_expectations() -> None:
+    try:
+        import great_expectations  # noqa: F401
+
+        import expectations.suite  # noqa: F401
+    except Exception:  # run_suite imports it again and raises there, to the flow
+        pass
+
+
+def _exit_with_parent() -> None:
+    """End the worker when its parent is gone, even killed (no orphan holding a frame).
+
+    Without this a worker whose parent was SIGKILLed waits for its next call forever: it holds
+    the write end of its own call queue, so it never sees the end of it.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()  # returns when the parent's end of the spawn pipe closes: it exited
+        os._exit(0)
+
+
+def _run_suite_from_file(job: Path, min_rows: int, docs_dir: Path) -> ValidationReport:
+    """run_suite over the frame and settings in `job` (the call itself carries only stdlib
+    types: unpickling the settings or a frame imports their modules, and that happens after the
+    import thread is done, so that no module is imported by two threads at once)."""
+    if _gx_import is not None:
+        _gx_import.join()
+    from expectations.runner import run_suite
+
+    with job.open("rb") as file:
+        candidates, settings = pickle.load(file)
+    return run_suite(candidates, settings, min_rows, docs_dir)
+
+
+def _info() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "great_expectations": "great_expectations" in sys.modules,
+        "prefect": "prefect" in sys.modules,
+    }
