@@ -212,7 +212,7 @@ def generate(
     stats = CallStats()
     inputs = pd.concat([plan.kept[INPUT_COLUMNS], plan.to_answer], ignore_index=True)
     answers = AnswerStage(recipe, endpoint, batch_size)
-    with _until_batches_pending(out), artifacts.TeacherProgress(engine, plan.goal):
+    with _until_batches_pending(out, answers), artifacts.TeacherProgress(engine, plan.goal):
         if len(plan.to_answer):
             answers.submit_all(plan.to_answer, 0)
         for cycle in range(1, MAX_CYCLES + 1):
@@ -298,12 +298,18 @@ def expand_and_answer(
 
 
 @contextmanager
-def _until_batches_pending(out: Generation) -> Iterator[None]:
+def _until_batches_pending(out: Generation, answers: AnswerStage) -> Iterator[None]:
     """Batch mode with a hold: a stage whose batches are still running stops the teacher stages
-    (the next stage needs its answers); what was answered so far is counted as usual."""
+    (the next stage needs its answers); what was answered so far is counted as usual, and the
+    batches of answer tasks that ran beside it are waited for too (the seeds' beside the
+    expansion's: their progress is shown and the re-check takes both up)."""
     try:
         yield
     except BatchesPending as exc:
+        try:
+            answers.collect()
+        except BatchesPending as more:
+            exc = BatchesPending.combine([exc, more])
         out.pending = exc
 
 

@@ -886,9 +886,7 @@ class TeacherEngine:
         future = self._submit(requests, _Run(label=label, priority=priority))
         return self._wait(future)
 
-    def stream(
-        self, requests: Sequence[ChatRequest], label: str, priority: int = 0
-    ) -> ReplyStream:
+    def stream(self, requests: Sequence[ChatRequest], label: str, priority: int = 0) -> ReplyStream:
         """The answers to `requests` in order, each as soon as it and those before it are in;
         `close()` the stream to send nothing more (the requests on the wire still land)."""
         return ReplyStream(self, requests, label, priority)

@@ -180,3 +180,31 @@ def test_the_cli_says_when_to_run_again_and_exits_75(
 
     assert main(args) == EXIT_WAITING == 75
     assert note in capsys.readouterr().out
+
+
+def test_the_seeds_batches_and_the_expansion_batch_run_side_by_side_and_all_are_waited_for(
+    workdir: Path, batches: FakeOpenAIBatches
+) -> None:
+    """Beyond the seeds: their answers and the expansion go out together, the run waits for
+    both; the next run answers the new inputs (their own batches); the one after publishes."""
+    out = workdir / "out"
+    first = distill(**{**parameters(batches, out), "examples": 20})
+
+    assert first["outcome"] == "waiting for batches"
+    # 2 answer batches of the seeds (5 each) and the expansion's (3 requests for 10 inputs)
+    assert sorted(b["total"] for b in first["batches"]) == [3, 5, 5]
+    assert batches.stats.batches_created == 3
+
+    close_engines()
+    batches.finish_batches()
+    second = distill(**{**parameters(batches, out), "examples": 20})
+    assert second["outcome"] == "waiting for batches"
+    assert sorted(b["total"] for b in second["batches"]) == [5, 5]  # the 10 new inputs
+
+    close_engines()
+    batches.finish_batches()
+    third = distill(**{**parameters(batches, out), "examples": 20})
+    assert third["outcome"] == "published", third
+    assert third["requests_sent"] == 0 and published_rows(out) == 20
+    seen = batches.stats
+    assert (seen.batches_created, seen.submitted_twice) == (5, 0)
