@@ -245,13 +245,28 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 _CALL_LOG = re.compile(
-    r"distillery\.teacher - (.+?): (\d+) requests, .*? retried, ([\d.]+) s", re.MULTILINE
+    r"^(\d\d):(\d\d):([\d.]+) \| INFO +\| distillery\.teacher - (.+?): (\d+) requests, .*? "
+    r"retried, ([\d.]+) s",
+    re.MULTILINE,
 )
 
 
-def teacher_calls(output: str) -> list[tuple[str, int, float]]:
-    """(label, requests, seconds) of each engine call, from its log line."""
-    return [(m[1], int(m[2]), float(m[3])) for m in _CALL_LOG.finditer(output)]
+def teacher_calls(output: str) -> list[tuple[str, int, float, float]]:
+    """(label, requests, seconds, ended: seconds since midnight) of each engine call, from its
+    log line (written as the call ends)."""
+    return [
+        (m[4], int(m[5]), float(m[6]), int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]))
+        for m in _CALL_LOG.finditer(output)
+    ]
+
+
+def calls_span(calls: list[tuple[str, int, float, float]]) -> float:
+    """Seconds from the start of the first engine call to the end of the last one."""
+    if not calls:
+        return 0.0
+    first = calls[0][3]  # times of day: taken relative to the first, past midnight too
+    ends = [(c[3] - first) % 86400 for c in calls]
+    return max(ends) - min(e - c[2] for e, c in zip(ends, calls, strict=True))
 
 
 def api_post(api_url: str, path: str, body: dict[str, Any]) -> Any:
@@ -387,12 +402,12 @@ class FlowRun:
     """One `distillery run` of item 1b and the bare client's time for as many requests."""
 
     bare: float
-    engine: float  # expansion rounds + the longest answer task, from the engine's log lines
+    engine: float  # the first engine call's start to the last one's end (they overlap)
     teacher: float  # the manifest's teacher stages
     flow: float  # Prefect's flow run, start to end
     wall: float  # the whole command
     sent: int
-    calls: list[tuple[str, int, float]]
+    calls: list[tuple[str, int, float, float]]
     stages: dict[str, float]  # seconds each stage's task runs took (their union)
 
 
@@ -416,14 +431,10 @@ def flow_once(api_url: str, work: Path, examples: int) -> FlowRun:
         bare = asyncio.run(
             bare_client(server.url, requests_for(sent, "flow-bare", max_tokens=768), 64)
         ).seconds
-    expansion = [c for c in calls if c[0].startswith("expand")]
-    answers = [c for c in calls if c[0].startswith("answer")]
     started_at, ended_at = span(run)
     return FlowRun(
         bare=bare,
-        # Expansion rounds run one after the other; the answer tasks run side by side (4 at a
-        # time, all started together here), so their span is about the longest one.
-        engine=sum(c[2] for c in expansion) + max((c[2] for c in answers), default=0.0),
+        engine=calls_span(calls),
         teacher=float(manifest["timings_s"]["teacher"]),
         flow=(ended_at - started_at).total_seconds(),
         wall=wall,
@@ -457,7 +468,7 @@ def bench_flow(api_url: str, work: Path, examples: int, repeats: int) -> Section
         ["what", "seconds", "ratio to the bare client"],
         [
             [f"bare client, {r.sent} requests (what the flow sent)", f"{r.bare:.1f}", "1.00"],
-            ["engine calls (expansion rounds + the longest answer task)", f"{r.engine:.1f}",
+            ["engine calls, the first one's start to the last one's end", f"{r.engine:.1f}",
              ratio(r.engine, r.bare)],
             ["flow: teacher stages (expansion + answers, manifest)", f"{r.teacher:.1f}",
              ratio(r.teacher, r.bare)],
@@ -476,8 +487,9 @@ def bench_flow(api_url: str, work: Path, examples: int, repeats: int) -> Section
         f"last one accepted), {sum(c[1] for c in expansion)} requests in "
         f"{sum(c[2] for c in expansion):.1f} s of teacher calls; the expand task "
         f"{r.stages.get('expand', 0.0):.1f} s;",
-        f"- answers: {len(answers)} calls (tasks of up to 500 inputs, 4 at a time), "
-        f"{sum(c[1] for c in answers)} requests; the longest call took "
+        f"- answers: {len(answers)} calls (tasks of up to 500 inputs, the seeds' at once and the "
+        "generated inputs' as expansion hands them over, up to 4 tasks at a time; expansion's "
+        f"requests go first), {sum(c[1] for c in answers)} requests; the longest call took "
         f"{max((c[2] for c in answers), default=0):.1f} s; the answer tasks "
         f"{r.stages.get('answer', 0.0):.1f} s;",
         f"- validate task {r.stages.get('validate', 0.0):.1f} s (Great Expectations), publish "
@@ -746,14 +758,30 @@ def folder_mib(path: Path) -> float:
 Interval = tuple[datetime, datetime]
 
 
+def tree_rss_mib(pid: int) -> tuple[float, float]:
+    """RSS (MiB) of a process, and of it and all its descendants together (Linux /proc)."""
+    own, total, todo = 0.0, 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        with suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    mib = int(line.split()[1]) / 1024
+                    total += mib
+                    own = mib if current == pid else own
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return own, total
+
+
 def run_measured(
     args: list[str], env: dict[str, str], log: Path, timeout: float
-) -> tuple[int, float, float, list[tuple[datetime, float]]]:
+) -> tuple[int, float, float, list[tuple[datetime, float, float]]]:
     """Run a command to its end, output to `log`: exit status, seconds, peak RSS (MiB), and
-    its RSS sampled every 0.2 s (UTC time, MiB).
+    its RSS sampled every 0.2 s (UTC time, the process's own MiB, with its descendants MiB).
 
-    The peak is the process's own (wait4's ru_maxrss: it and the children it waited for; the
-    flow's process starts none but `git`, the Prefect server and the teacher run elsewhere).
+    The peak is wait4's ru_maxrss: the largest of the process and the children it waited for
+    (the Great Expectations worker), not their sum; the samples' sum is the process tree's.
     """
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -762,7 +790,7 @@ def run_measured(
         )  # fmt: skip
     started = time.perf_counter()
     deadline = time.monotonic() + timeout
-    samples: list[tuple[datetime, float]] = []
+    samples: list[tuple[datetime, float, float]] = []
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -773,10 +801,9 @@ def run_measured(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise RuntimeError(f"the {args[3:5]} run hung:\n{log.read_text()[-3000:]}")
-        with suppress(OSError):
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    samples.append((datetime.now(UTC), int(line.split()[1]) / 1024))
+        own, tree = tree_rss_mib(proc.pid)
+        if tree:
+            samples.append((datetime.now(UTC), own, tree))
         time.sleep(0.2)
 
 
@@ -795,8 +822,13 @@ def seconds_in(intervals: list[Interval]) -> float:
     return sum((e - s).total_seconds() for s, e in intervals)
 
 
-def peak_in(samples: list[tuple[datetime, float]], intervals: list[Interval]) -> float:
-    return max((m for t, m in samples if any(s <= t <= e for s, e in intervals)), default=0.0)
+def peak_in(
+    samples: list[tuple[datetime, float, float]], intervals: list[Interval], tree: bool = False
+) -> float:
+    """The highest sampled RSS in the intervals: the process's own, or its tree's."""
+    return max(
+        (m[tree] for t, *m in samples if any(s <= t <= e for s, e in intervals)), default=0.0
+    )
 
 
 def stage_intervals(
@@ -826,13 +858,15 @@ class ScaleRun:
     examples: int
     command_s: float
     flow_s: float
-    rss_mib: float
+    rss_mib: float  # wait4: the largest of the flow process and the children it waited for
+    tree_rss_mib: float  # the flow process and its children (the GX worker) together, sampled
     server_rss_mib: float
     teacher_rss_mib: float
     requests: int
     task_runs: int
     stage_s: dict[str, float]  # seconds each stage ran (the union of its task runs)
     stage_rss_mib: dict[str, float]  # the flow process's highest sampled RSS in each stage
+    stage_tree_mib: dict[str, float]  # the same of the process tree (flow + GX worker)
     manifest_timings: dict[str, float]
     cache_mib: float
     results_mib: float
@@ -864,10 +898,12 @@ def scale_run(work: Path, examples: int) -> ScaleRun:
     started, ended = span(flow_run)
     return ScaleRun(
         examples=examples, command_s=seconds, flow_s=(ended - started).total_seconds(),
-        rss_mib=rss, server_rss_mib=server_rss, teacher_rss_mib=teacher_rss, requests=requests,
+        rss_mib=rss, tree_rss_mib=max((m for _, _, m in samples), default=0.0),
+        server_rss_mib=server_rss, teacher_rss_mib=teacher_rss, requests=requests,
         task_runs=n_tasks,
         stage_s={stage: seconds_in(ts) for stage, ts in stages.items()},
         stage_rss_mib={stage: peak_in(samples, ts) for stage, ts in stages.items()},
+        stage_tree_mib={stage: peak_in(samples, ts, tree=True) for stage, ts in stages.items()},
         manifest_timings=manifest.get("timings_s", {}),
         cache_mib=folder_mib(work / "cache"),
         results_mib=folder_mib(work / "prefect-home" / "storage"),
@@ -894,14 +930,17 @@ def bench_scale(work: Path, sizes: list[int]) -> Section:
         ["teacher requests sent", *(f"{r.requests:,}" for r in runs)],
         ["Prefect task runs", *(str(r.task_runs) for r in runs)],
         *(
-            [f"`{stage}`: seconds / peak RSS (MiB)",
-             *(f"{r.stage_s.get(stage, 0.0):.1f} / {r.stage_rss_mib.get(stage, 0.0):,.0f}"
-               for r in runs)]
+            [f"`{stage}`: seconds / peak RSS, flow process / with GX worker (MiB)",
+             *(f"{r.stage_s.get(stage, 0.0):.1f} / {r.stage_rss_mib.get(stage, 0.0):,.0f} / "
+               f"{r.stage_tree_mib.get(stage, 0.0):,.0f}" for r in runs)]
             for stage in STAGES
         ),
         ["flow run, Prefect start to end (s)", *(f"{r.flow_s:.1f}" for r in runs)],
         ["whole command (s)", *(f"{r.command_s:.1f}" for r in runs)],
-        ["peak RSS, the flow's process (MiB)", *(f"{r.rss_mib:,.0f}" for r in runs)],
+        ["peak RSS, the flow's process or its GX worker, the larger (MiB, wait4)",
+         *(f"{r.rss_mib:,.0f}" for r in runs)],
+        ["peak RSS, the flow's process and its GX worker together (MiB, sampled)",
+         *(f"{r.tree_rss_mib:,.0f}" for r in runs)],
         ["peak RSS, Prefect server (MiB)", *(f"{r.server_rss_mib:,.0f}" for r in runs)],
         ["peak RSS, fake teacher (MiB)", *(f"{r.teacher_rss_mib:,.0f}" for r in runs)],
         ["request cache on disk (MiB)", *(f"{r.cache_mib:,.0f}" for r in runs)],
@@ -915,13 +954,17 @@ def bench_scale(work: Path, sizes: list[int]) -> Section:
     section.lines += [
         "A stage's seconds are the union of its task runs (answer tasks run 4 at a time); "
         "`flow code` is the flow run outside any task run (assembly, manifest, artifacts); "
-        "peak RSS per stage is the highest of the flow process's RSS sampled every 0.2 s.",
+        "peak RSS per stage is the highest of the flow process's RSS sampled every 0.2 s, "
+        "alone and with its descendants (the Great Expectations worker process).",
         "",
     ]
     big = max(runs, key=lambda r: r.examples)
+    # The flow process and its GX worker are one job: their sum counts (or, should sampling
+    # have missed a peak, the larger one's own peak).
+    peak = max(big.tree_rss_mib, big.rss_mib)
     section.verdict(
-        f"peak RSS at {big.examples:,} examples", f"{big.rss_mib / 1024:.2f} GiB", "<= 2 GiB",
-        big.rss_mib <= 2048,
+        f"peak RSS at {big.examples:,} examples (flow process + GX worker)",
+        f"{peak / 1024:.2f} GiB", "<= 2 GiB", peak <= 2048,
     )  # fmt: skip
     if len(runs) >= 2:
         small = min(runs, key=lambda r: r.examples)
