@@ -228,10 +228,16 @@ def _run_suite_from_file(job: Path, min_rows: int, docs_dir: Path) -> Validation
     if _gx_import is not None:
         _gx_import.join()
     from expectations.runner import run_suite
+    from tasks.memory import release_freed_memory
 
     with job.open("rb") as file:
         candidates, settings = pickle.load(file)
-    return run_suite(candidates, settings, min_rows, docs_dir)
+    try:
+        return run_suite(candidates, settings, min_rows, docs_dir)
+    finally:
+        # The worker lives on between runs: it must not hold a large frame's pages meanwhile.
+        del candidates
+        release_freed_memory()
 
 
 def _info() -> dict[str, Any]:

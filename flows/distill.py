@@ -38,6 +38,7 @@ from tasks.export import (
     publish_dataset,
     update_manifest,
 )
+from tasks.memory import release_freed_memory
 from tasks.recipe import Recipe, load_recipe, target_size
 from tasks.refresh import (
     Previous,
@@ -276,22 +277,25 @@ def expand_and_answer(
         on_accepted=lambda start, rows: handed.put((start, list(rows))),
     )  # fmt: skip
     future.add_done_callback(lambda _: handed.put(None))
-    rows: list[dict[str, Any]] = []  # accepted inputs received, in order
-    submitted = 0
+    received = 0  # accepted inputs received, in order
+    waiting: list[dict[str, Any]] = []  # of which not submitted yet
+    submitted: list[str] = []  # ids of those submitted
     while (item := handed.get()) is not None:
         start, new = item
-        rows += new[len(rows) - start :]  # a retried task starts again from 0: skip what is here
-        while len(rows) - submitted >= answers.size or (submitted < len(rows) >= want):
-            batch = rows[submitted : submitted + answers.size]
+        fresh = new[received - start :]  # a retried task starts again from 0: skip what is here
+        waiting += fresh
+        received += len(fresh)
+        while len(waiting) >= answers.size or (waiting and received >= want):
+            batch, waiting = waiting[: answers.size], waiting[answers.size :]
             answers.submit(pd.DataFrame(batch, columns=INPUT_COLUMNS), cycle)
-            submitted += len(batch)
+            submitted += [row["id"] for row in batch]
     expansion = future.result()
     accepted = expansion.accepted
-    if list(accepted["id"][:submitted]) != [r["id"] for r in rows[:submitted]]:
+    if list(accepted["id"][: len(submitted)]) != submitted:
         raise RuntimeError(  # the order of accepted inputs is deterministic; never expected
             f"expand cycle {cycle}: the inputs handed over while it ran differ from its result"
         )
-    rest = accepted.iloc[submitted:].to_dict("records")
+    rest = accepted.iloc[len(submitted) :].to_dict("records")
     for i in range(0, len(rest), answers.size):
         answers.submit(pd.DataFrame(rest[i : i + answers.size], columns=INPUT_COLUMNS), cycle)
     return expansion
@@ -491,6 +495,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     session = teacher_session(endpoint) if teacher_needed(plan) else nullcontext()
     with session:
         generation = generate(recipe, endpoint, plan, params.answer_batch_size)
+    release_freed_memory()  # what the teacher stages freed, before the GX worker takes its share
     if generation.pending is not None:
         return waiting_for_batches(recipe, generation, generation.pending, run_id, started)
     candidates = assemble_candidates(generation.answered, recipe, run_id, plan.kept)

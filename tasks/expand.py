@@ -362,53 +362,55 @@ def run_expansion(
         result.rounds += 1
         parsed_this_round = 0
         first_reply = None
-        for reply, ids in zip(replies, shown_ids, strict=False):
-            if len(accepted) >= want:
-                break
-            first_reply = first_reply or reply
-            result.requests += 1
-            examples = parse_examples(reply.content)
-            if not examples:
-                result.rejects["unparseable_reply"] += 1
-            parsed_this_round += len(examples)
-            for ctx, q in examples:
-                rid = record_id(ctx, q)
-                row = {
-                    "id": rid,
-                    "user_context": ctx,
-                    "question": q,
-                    "source": "generated",
-                    "seed_ids": ids,
-                    "max_similarity": 0.0,
-                    "expansion_request_id": reply.request_id,
-                }
-                verdict = judge_input(ctx, q, recipe.validation)
-                if verdict is None and rid in known:
-                    verdict = (
-                        "duplicate",
-                        "same normalised context and question as an earlier row",
-                    )
-                if verdict is None:
-                    similarity, mh = index.check(f"{ctx}\n{q}")
-                    row["max_similarity"] = round(similarity, 4)
-                    if similarity >= cfg.near_duplicate_threshold:
-                        verdict = ("near_duplicate", f"MinHash similarity {similarity:.2f}")
-                if verdict is not None:
-                    result.rejects[verdict[0]] += 1
-                    rejected.append(
-                        {**row, "stage": "expand", "reason": verdict[0], "detail": verdict[1]}
-                    )
-                    continue
-                known.add(rid)
+        try:
+            for reply, ids in zip(replies, shown_ids, strict=False):
                 if len(accepted) >= want:
-                    result.surplus += 1
-                    continue
-                index.add(rid, mh)
-                accepted.append(row)
-            if on_accepted is not None and len(accepted) > fed:
-                on_accepted(fed, accepted[fed:])
-                fed = len(accepted)
-        replies.close()
+                    break
+                first_reply = first_reply or reply
+                result.requests += 1
+                examples = parse_examples(reply.content)
+                if not examples:
+                    result.rejects["unparseable_reply"] += 1
+                parsed_this_round += len(examples)
+                for ctx, q in examples:
+                    rid = record_id(ctx, q)
+                    row = {
+                        "id": rid,
+                        "user_context": ctx,
+                        "question": q,
+                        "source": "generated",
+                        "seed_ids": ids,
+                        "max_similarity": 0.0,
+                        "expansion_request_id": reply.request_id,
+                    }
+                    verdict = judge_input(ctx, q, recipe.validation)
+                    if verdict is None and rid in known:
+                        verdict = (
+                            "duplicate",
+                            "same normalised context and question as an earlier row",
+                        )
+                    if verdict is None:
+                        similarity, mh = index.check(f"{ctx}\n{q}")
+                        row["max_similarity"] = round(similarity, 4)
+                        if similarity >= cfg.near_duplicate_threshold:
+                            verdict = ("near_duplicate", f"MinHash similarity {similarity:.2f}")
+                    if verdict is not None:
+                        result.rejects[verdict[0]] += 1
+                        rejected.append(
+                            {**row, "stage": "expand", "reason": verdict[0], "detail": verdict[1]}
+                        )
+                        continue
+                    known.add(rid)
+                    if len(accepted) >= want:
+                        result.surplus += 1
+                        continue
+                    index.add(rid, mh)
+                    accepted.append(row)
+                if on_accepted is not None and len(accepted) > fed:
+                    on_accepted(fed, accepted[fed:])
+                    fed = len(accepted)
+        finally:
+            replies.close()  # the round is over (or failed here): send nothing more
         result.stats.add(replies.stats)
         result.parsed += parsed_this_round
         # A teacher whose first round gives nothing usable will not start later: stop early. One

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -1309,7 +1310,8 @@ class ReplyStream:
     ) -> None:
         self._engine = engine
         self._keys = [r.key(engine.endpoint) for r in requests]
-        self._ready: dict[str, ChatResult] = {}
+        self._ready: dict[str, ChatResult] = {}  # answers in, dropped once yielded for good
+        self._uses = collections.Counter(self._keys)  # identical requests share one answer
         # Filled on the loop thread, read by the caller's.
         self._queue: queue.SimpleQueue[tuple[str, ChatResult] | None] = queue.SimpleQueue()
         self._run = _Run(label=label, priority=priority, on_result=self._arrived)
@@ -1330,7 +1332,8 @@ class ReplyStream:
                         return  # closed before this answer came
                     break
                 self._ready[item[0]] = item[1]
-            yield self._ready[key]
+            self._uses[key] -= 1
+            yield self._ready[key] if self._uses[key] else self._ready.pop(key)
 
     def close(self) -> None:
         """Send nothing more for this call; what is on the wire lands in the cache."""
