@@ -235,9 +235,10 @@ def _run_suite_from_file(job: Path, min_rows: int, docs_dir: Path) -> Validation
     try:
         return run_suite(candidates, settings, min_rows, docs_dir)
     finally:
-        # The worker lives on between runs: it must not hold a large frame's pages meanwhile.
+        # The worker lives on between runs: it must not hold a large frame's pages meanwhile;
+        # handed back beside the report's way to the flow, not before it.
         del candidates
-        release_freed_memory()
+        threading.Thread(target=release_freed_memory, args=(True,), daemon=True).start()
 
 
 def _info() -> dict[str, Any]:

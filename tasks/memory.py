@@ -17,14 +17,16 @@ def _malloc_trim() -> ctypes._NamedFuncPointer | None:
         return None
 
 
-def release_freed_memory() -> None:
-    """Collect garbage and return the heap's free pages to the OS (glibc's malloc_trim).
+def release_freed_memory(collect: bool = False) -> None:
+    """Return the heap's free pages to the OS (glibc's malloc_trim); `collect`: first collect
+    cyclic garbage (a full collection of a large process takes a while).
 
     glibc keeps what a stage freed for later allocations, so the process's RSS stays at the
     stage's peak; at 100,000 examples the teacher stages leave hundreds of MiB freed but held
     while the Great Expectations worker takes its own share (bench item 5).
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
