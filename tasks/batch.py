@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import openai
 from openai.types import Batch
-from openai.types.chat import ChatCompletion
 
 from tasks.teacher import (
     BatchesPending,
@@ -24,9 +23,10 @@ from tasks.teacher import (
     ChatResult,
     TeacherError,
     TeacherUnavailable,
+    _completion,
     _describe_refusal,
+    _result_from_body,
     _Run,
-    _to_result,
 )
 
 if TYPE_CHECKING:
@@ -443,8 +443,8 @@ class BatchSender:
         key = str(row.get("custom_id"))
         response = row.get("response") or {}
         if response.get("status_code") == 200:
-            completion = ChatCompletion.model_validate(response["body"])
-            self.engine.cache.put(key, _to_result(completion, response.get("request_id")))
+            body = _completion(response["body"])
+            self.engine.cache.put(key, _result_from_body(body, response.get("request_id")))
             self._why.pop(key, None)
             return key
         error = row.get("error") or (response.get("body") or {}).get("error") or {}

@@ -1351,16 +1351,23 @@ class ReplyStream:
 def _json_body(content: bytes) -> dict[str, Any]:
     """A chat completion's JSON body; a body that is not one is the endpoint's fault (retried)."""
     try:
-        body = json.loads(content)
+        return _completion(json.loads(content))
+    except ValueError:
+        raise _MalformedReply(f"not a chat completion: {content[:120]!r}") from None
+
+
+def _completion(body: Any) -> dict[str, Any]:
+    """`body` if it has the shape of a chat completion (what _result_from_body reads)."""
+    try:
         if isinstance(body, dict) and isinstance(body["choices"][0]["message"], dict):
             return body
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (KeyError, IndexError, TypeError):
         pass
-    raise _MalformedReply(f"not a chat completion: {content[:120]!r}")
+    raise _MalformedReply(f"not a chat completion: {str(body)[:120]!r}")
 
 
 def _result_from_body(body: dict[str, Any], request_id: str | None) -> ChatResult:
-    """_to_result of a chat completion's JSON body."""
+    """The cached form of a chat completion's JSON body (online, or a batch output row's)."""
     choice = body["choices"][0]
     message = choice["message"]
     usage = body.get("usage") or {}
@@ -1372,20 +1379,6 @@ def _result_from_body(body: dict[str, Any], request_id: str | None) -> ChatResul
         model=body.get("model") or "",
         request_id=request_id or body.get("id") or "",
         refusal=message.get("refusal"),
-    )
-
-
-def _to_result(completion: Any, request_id: str | None) -> ChatResult:
-    choice = completion.choices[0]
-    usage = completion.usage
-    return ChatResult(
-        content=choice.message.content or "",
-        finish_reason=choice.finish_reason or "",
-        prompt_tokens=usage.prompt_tokens if usage else 0,
-        completion_tokens=usage.completion_tokens if usage else 0,
-        model=completion.model or "",
-        request_id=request_id or completion.id or "",
-        refusal=choice.message.refusal,
     )
 
 
