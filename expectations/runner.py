@@ -125,6 +125,15 @@ def _failing_ids(result: dict[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ids))[:5]
 
 
+@dataclass
+class SuiteRun:
+    """What writing the Data Docs of a validation needs: its GX context (the suites and results
+    are in its stores) and the results (for the JSON beside the pages)."""
+
+    context: Any
+    results: list[Any]
+
+
 def run_suite(
     candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int, docs_dir: Path
 ) -> ValidationReport:
@@ -132,6 +141,15 @@ def run_suite(
 
     Runs GX in the calling process: the flow runs it in the worker (expectations.worker).
     """
+    report, run = validate_frame(candidates, settings, min_rows)
+    write_docs(run, docs_dir)
+    return report
+
+
+def validate_frame(
+    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int
+) -> tuple[ValidationReport, SuiteRun]:
+    """Run the suites over the candidate frame: the report, and what write_docs needs."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -140,17 +158,6 @@ def run_suite(
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    context.add_data_docs_site(
-        site_name="distillery",
-        site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(docs_dir),
-            },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
-    )
     asset = context.data_sources.add_pandas("candidates").add_dataframe_asset("dataset")
     suites = build_suites(settings, min_rows)
     accepted = candidates["status"] == "accepted"
@@ -160,7 +167,7 @@ def run_suite(
         ("accepted-rows", suites.accepted, candidates[accepted]),
         ("answered-rows", suites.answered, candidates),
     ]
-    # Each validation definition is run on its own frame and the site is built once: a
+    # Each validation definition is run on its own frame and the site is built once, later: a
     # Checkpoint passes the same batch parameters (one dataframe) to all of its definitions, and
     # its UpdateDataDocsAction rebuilds the site once per result.
     run_id = RunIdentifier(run_name="distillery")
@@ -180,14 +187,10 @@ def run_suite(
                 batch_parameters={"dataframe": frame}, result_format=result_format, run_id=run_id
             )
         )
-    context.build_data_docs(site_names=["distillery"])
-    # The site ships 4 MB of fonts and images per run; the pages read fine without them, and
-    # every run's docs are uploaded beside its output (S3 included).
-    for heavy in ("fonts", "images"):
-        shutil.rmtree(docs_dir / "static" / heavy, ignore_errors=True)
-    (docs_dir / "validation_result.json").write_text(
-        json.dumps({r.suite_name: r.to_json_dict() for r in results}, indent=2)
-    )
+    # The docs need the suites and results only: without its data source the context no longer
+    # holds the frames (GX keeps the batches), so that a worker waiting to write the docs of
+    # 100,000 rows does not hold them too.
+    context.data_sources.delete("candidates")
     outcomes = []
     for result in results:
         for r in result.results:
@@ -202,9 +205,33 @@ def run_suite(
                     failing_ids=() if r.success else _failing_ids(r.result),
                 )
             )
-    return ValidationReport(
+    report = ValidationReport(
         success=all(r.success for r in results),
         rows=len(candidates),
         accepted_rows=int(accepted.sum()),
         results=outcomes,
+    )
+    return report, SuiteRun(context=context, results=results)
+
+
+def write_docs(run: SuiteRun, docs_dir: Path) -> None:
+    """The Data Docs site of a validation, and its results as JSON, into docs_dir."""
+    run.context.add_data_docs_site(
+        site_name="distillery",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    run.context.build_data_docs(site_names=["distillery"])
+    # The site ships 4 MB of fonts and images per run; the pages read fine without them, and
+    # every run's docs are uploaded beside its output (S3 included).
+    for heavy in ("fonts", "images"):
+        shutil.rmtree(docs_dir / "static" / heavy, ignore_errors=True)
+    (docs_dir / "validation_result.json").write_text(
+        json.dumps({r.suite_name: r.to_json_dict() for r in run.results}, indent=2)
     )

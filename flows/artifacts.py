@@ -9,6 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
+from uuid import UUID
 
 import pandas as pd
 from prefect.artifacts import (
@@ -18,8 +19,9 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.assets import Asset
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import ArtifactUpdate
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+from prefect.utilities.context import get_task_and_flow_run_ids
 
 from tasks.cost import format_usd
 from tasks.recipe import Recipe
@@ -216,6 +218,7 @@ class TeacherProgress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._id: Any = None
+        self._succeeded = False
         self._base = (engine.planned, engine.finished)
 
     def _numbers(self) -> tuple[float, str]:
@@ -228,26 +231,45 @@ class TeacherProgress:
             text += f"; batches running: {batches[0]}, {batches[1]} of {batches[2]} answered there"
         return min(100.0, share), text
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._update()
+    def _loop(self, flow_run_id: UUID | None) -> None:
+        """Create the artifact, update it every interval_s, and once more when the stages end.
 
-    def _update(self, final: float | None = None) -> None:
+        All of it on this thread and over one client, which it closes: the teacher stages do
+        not wait for the API (creating the artifact took 45-55 ms before the first request),
+        and the engine's thread does not share the GIL with a new client every few seconds.
+        (Not prefect.artifacts.update_progress_artifact: it opens a client per call and never
+        closes it (Prefect 3.9.1), a socket left to the garbage collector each time.)
+        """
+        try:
+            with get_client(sync_client=True) as client:
+                self._id = client.create_artifact(
+                    artifact=ArtifactCreate(
+                        type="progress",
+                        key="teacher-progress",
+                        description=f"teacher: starting; goal {self.goal} rows",
+                        data=0.0,
+                        flow_run_id=flow_run_id,
+                    )
+                ).id
+                while not self._stop.wait(self.interval_s):
+                    self._update(client)
+                self._update(client, final=100.0 if self._succeeded else None)
+        except Exception as exc:  # the UI's progress must never break the run
+            logger.debug("progress artifact not kept up to date: %s", exc)
+
+    def _update(self, client: SyncPrefectClient, final: float | None = None) -> None:
         share, text = self._numbers()
         update = ArtifactUpdate(data=final if final is not None else share, description=text)
         try:
-            # Not prefect.artifacts.update_progress_artifact: it opens a client per call and
-            # never closes it (Prefect 3.9.1), a socket left to the garbage collector each time.
-            with get_client(sync_client=True) as client:
-                client.update_artifact(artifact_id=self._id, artifact=update)
-        except Exception as exc:  # the UI's progress must never break the run
+            client.update_artifact(artifact_id=self._id, artifact=update)
+        except Exception as exc:
             logger.debug("progress artifact not updated: %s", exc)
 
     def __enter__(self) -> TeacherProgress:
-        self._id = create_progress_artifact(
-            0.0, key="teacher-progress", description=f"teacher: starting; goal {self.goal} rows"
+        _, flow_run_id = get_task_and_flow_run_ids()
+        self._thread = threading.Thread(
+            target=self._loop, args=(flow_run_id,), name="teacher-progress", daemon=True
         )
-        self._thread = threading.Thread(target=self._loop, name="teacher-progress", daemon=True)
         self._thread.start()
         return self
 
@@ -257,7 +279,7 @@ class TeacherProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._succeeded = exc_type is None
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._update(final=100.0 if exc_type is None else None)

@@ -57,7 +57,12 @@ from tasks.teacher import (
     get_engine,
 )
 from tasks.train import train_student
-from tasks.validate import ValidationReport, preload_great_expectations, validate_dataset
+from tasks.validate import (
+    ValidationReport,
+    preload_great_expectations,
+    publish_data_docs,
+    validate_dataset,
+)
 
 EMBEDDED = "embedded"  # the teacher_base_url value that asks for the embedded teacher
 
@@ -503,6 +508,9 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
         recipe.name, run_id,
     )  # fmt: skip
+    # The Data Docs are written (in the GX worker) while the flow goes on; waited for before
+    # the summary, which links them.
+    docs = publish_data_docs.submit(params.output, recipe.name, run_id)
     manifest = build_manifest(
         recipe, params, endpoint, plan, generation, candidates, report, run_id, target
     )
@@ -519,6 +527,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
             version=previous.version,
             published=previous.manifest.get("counts", {}).get("published"),
         )
+        docs.result()
         artifacts.summary(recipe, summary, manifest)
         return summary
     rejected = pd.concat(
@@ -549,6 +558,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     summary.update(uri=published.uri, version=published.version, published=published.counts)
     artifacts.sample(recipe, dataset, published.version)
     artifacts.dataset_link(recipe, published.uri, published.version)
+    docs.result()
     artifacts.summary(recipe, summary, manifest)
     if review:
         decision = review_gate(recipe, published.uri, summary)

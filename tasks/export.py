@@ -229,6 +229,11 @@ def _rejected_table(rejected: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame, schema=REJECT_SCHEMA, preserve_index=False)
 
 
+def folder_uri(output: str, *parts: str) -> str:
+    """The URI of a folder under the output (upload_folder's target)."""
+    return output.rstrip("/") + "/" + "/".join(parts)
+
+
 def upload_folder(local: Path, output: str, *parts: str) -> str:
     """Copy a local folder (the Data Docs) under the output; returns its URI."""
     fs, root = fsspec.core.url_to_fs(output)
@@ -239,7 +244,7 @@ def upload_folder(local: Path, output: str, *parts: str) -> str:
             dest = posixpath.join(target, path.relative_to(local).as_posix())
             fs.makedirs(posixpath.dirname(dest), exist_ok=True)
             fs.put_file(str(path), dest)
-    return output.rstrip("/") + "/" + "/".join(parts)
+    return folder_uri(output, *parts)
 
 
 @task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)

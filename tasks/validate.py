@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 # The report types and the suite runner live in Prefect-free modules, which the Great
 # Expectations worker process imports; they are re-exported here, where the flow finds them.
 from expectations.runner import ExpectationOutcome, ValidationReport, run_suite
-from expectations.worker import ValidationWorkerDied, preload, run_in_worker
-from tasks.export import upload_folder
+from expectations.worker import ValidationWorkerDied, docs_in_worker, preload, run_in_worker
+from tasks.export import folder_uri, upload_folder
 from tasks.recipe import ValidationSettings
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ValidationReport",
     "ValidationWorkerDied",
     "preload_great_expectations",
+    "publish_data_docs",
     "run_suite",
     "validate_dataset",
 ]
@@ -59,6 +60,11 @@ def preload_great_expectations() -> None:
     preload()
 
 
+def docs_parts(dataset: str, run_id: str) -> tuple[str, ...]:
+    """Where a run's Data Docs go under the output: the parts of the folder's path."""
+    return (dataset, "runs", run_id, "data-docs")
+
+
 @task(name="validate", task_run_name="validate", cache_policy=NO_CACHE)
 def validate_dataset(
     candidates: pd.DataFrame,
@@ -68,13 +74,14 @@ def validate_dataset(
     dataset: str,
     run_id: str,
 ) -> ValidationReport:
-    """Check the candidate dataset against the suite; raise ValidationFailed if it breaks it."""
+    """Check the candidate dataset against the suite; raise ValidationFailed if it breaks it.
+
+    A failed run's Data Docs are written before it raises (they are the report people read);
+    a passed run's are written by publish_data_docs, which the flow runs beside publishing.
+    """
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="distillery-gx-") as tmp:
-        report = run_in_worker(candidates, settings, min_rows, Path(tmp))
-        # Beside the run's output, pass or fail: a failed run's report is the one people read.
-        docs = upload_folder(Path(tmp), output, dataset, "runs", run_id, "data-docs")
-    report.docs_uri = f"{docs}/index.html"
+    report = run_in_worker(candidates, settings, min_rows, None)
+    report.docs_uri = folder_uri(output, *docs_parts(dataset, run_id)) + "/index.html"
     report.seconds = round(time.monotonic() - started, 2)
     create_markdown_artifact(
         key="validation-report",
@@ -82,5 +89,18 @@ def validate_dataset(
         description="Great Expectations results of the candidate dataset",
     )
     if not report.success:
+        write_data_docs(output, dataset, run_id)
         raise ValidationFailed(report)
     return report
+
+
+@task(name="data-docs", task_run_name="data-docs", cache_policy=NO_CACHE)
+def publish_data_docs(output: str, dataset: str, run_id: str) -> str:
+    """Write the Data Docs of the last validate_dataset beside the run's output; their URI."""
+    return write_data_docs(output, dataset, run_id)
+
+
+def write_data_docs(output: str, dataset: str, run_id: str) -> str:
+    with tempfile.TemporaryDirectory(prefix="distillery-gx-") as tmp:
+        docs_in_worker(Path(tmp))
+        return upload_folder(Path(tmp), output, *docs_parts(dataset, run_id))

@@ -92,5 +92,12 @@ def test_run_shows_summary_sample_validation_progress_link_and_lineage(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]]))
         )
     names = {r.name for r in runs}
-    assert {"load-recipe", "read-latest", "validate", "publish", "expand-cycle-1"} <= names
+    assert {
+        "load-recipe",
+        "read-latest",
+        "validate",
+        "data-docs",
+        "publish",
+        "expand-cycle-1",
+    } <= names
     assert "answer-cycle-0-batch-1" in names

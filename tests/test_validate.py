@@ -349,6 +349,36 @@ def test_a_killed_worker_is_replaced_and_the_next_validation_succeeds(
     assert worker.worker_info()["pid"] not in (first, os.getpid())
 
 
+def test_docs_written_after_the_verdict_once_and_a_worker_lost_in_between_is_named(
+    tmp_path: Path,
+) -> None:
+    frame = make_rows(12)
+    report = worker.run_in_worker(frame, SETTINGS, 10, None)
+    assert report.success and report.evaluated == len(CONTRACT)
+    (tmp_path / "a").mkdir()
+    worker.docs_in_worker(tmp_path / "a")
+    index = (tmp_path / "a" / "index.html").read_text()
+    assert "distillery-dataset" in index and "distillery-dataset-status" in index
+    results = json.loads((tmp_path / "a" / "validation_result.json").read_text())
+    assert set(results) == {"distillery-dataset", "distillery-dataset-status"}
+    with pytest.raises(RuntimeError, match="no validation is waiting for its Data Docs"):
+        worker.docs_in_worker(tmp_path / "a")
+
+    assert worker.run_in_worker(frame, SETTINGS, 10, None).success
+    pid = worker.worker_info()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert gone(pid, 10)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValidationWorkerDied) as info:
+        worker.docs_in_worker(tmp_path / "b")
+    assert (
+        f"the Data Docs were not written: the Great Expectations worker process (pid {pid}) "
+        "was killed by SIGKILL" in str(info.value)
+    )
+    assert worker.run_in_worker(frame, SETTINGS, 10, tmp_path / "b").success  # a fresh worker
+    assert (tmp_path / "b" / "index.html").exists()
+
+
 def test_list_columns_sent_as_stand_ins_still_fail_on_their_nulls(tmp_path: Path) -> None:
     frame = make_rows(12)
     frame.at[4, "messages"] = None
