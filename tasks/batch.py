@@ -176,7 +176,7 @@ class BatchSender:
     def __init__(self, engine: TeacherEngine) -> None:
         self.engine = engine
         self.ledger = BatchLedger(engine.cache.path)
-        self._client = engine._client.with_options(max_retries=API_RETRIES)
+        self._client = engine.sdk_client().with_options(max_retries=API_RETRIES)
         # Chunks being submitted or waited for by this process: a second call that needs some
         # of their requests waits for the same task instead of submitting them again.
         self._in_hand: dict[str, tuple[frozenset[str], asyncio.Task[Batch]]] = {}
