@@ -304,6 +304,7 @@ if __name__ == "__main__":
     # What validate_dataset calls; no preload before it: it starts the worker itself.
     report = worker.run_in_worker(frame, ValidationSettings(), 10, tmp / "docs")
     seen = {"pid": os.getpid(), "worker": worker.worker_info(), "report": report.to_dict()}
+    seen["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
     print(json.dumps({**seen, "gx_here": "great_expectations" in sys.modules}))
 """
 
@@ -322,6 +323,7 @@ def test_the_suite_runs_in_the_worker_and_gx_is_never_imported_by_the_caller(
     assert seen["worker"]["pid"] != seen["pid"]
     assert seen["worker"]["great_expectations"] is True
     assert seen["worker"]["prefect"] is False
+    assert seen["worker"]["nice"] == seen["nice"]  # only the import runs at the lowest priority
     assert seen["gx_here"] is False
     (failure,) = seen["report"]["failed"]
     assert failure["expectation"] == "expect_column_value_lengths_to_be_between"
