@@ -1,6 +1,6 @@
 """The teacher benchmark (issue 5): the engine and the flow next to a bare client, in one run.
 
-    .venv/bin/python bench/run.py [--only 1a,1b,2,3,4,5,6] [--repeats 3] [--flow-repeats 3]
+    .venv/bin/python bench/run.py [--only 1a,1b,2,3,4,5,6] [--repeats 3] [--flow-repeats 5]
         [--scale 10000,100000] [--work DIR] [--out bench/results.md]
     .venv/bin/python bench/run.py --only 5    # item 5 alone (about 7 minutes on 2 cores)
 
@@ -451,6 +451,10 @@ def bench_flow(api_url: str, work: Path, examples: int, repeats: int) -> Section
         f"--examples {examples} --no-train, DISTILLERY_CONCURRENCY=64, fake teacher 64 slots "
         "x 0.2 s; a fresh output and request cache per repeat",
     )
+    # The first flow run on a fresh Prefect server waits about 0.4 s between its Running state
+    # and its first line of code (the server's first calls of their kind); a deployment's
+    # server is long-lived, so a small run warms it up first, outside the figures.
+    flow_once(api_url, work / "warm-up", 20)
     runs = [flow_once(api_url, work / f"repeat-{i + 1}", examples) for i in range(repeats)]
     by_ratio = sorted(runs, key=lambda r: r.flow / r.bare)
     median = by_ratio[len(by_ratio) // 2]
@@ -999,7 +1003,7 @@ def bench_scale(work: Path, sizes: list[int]) -> Section:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="1a,1b,2,3,4,5,6", help="items, comma-separated")
-    parser.add_argument("--flow-repeats", type=int, default=3, help="repeats of item 1b")
+    parser.add_argument("--flow-repeats", type=int, default=5, help="repeats of item 1b")
     parser.add_argument(
         "--scale", default="10000,100000", help="example counts of item 5, comma-separated"
     )
