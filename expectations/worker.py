@@ -14,6 +14,7 @@ within a fraction of a second of its start.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -137,13 +138,17 @@ def worker_info() -> dict[str, Any]:
 
 
 def run_in_worker(
-    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int, docs_dir: Path | None
+    candidates: pd.DataFrame,
+    settings: ValidationSettings,
+    min_rows: int,
+    docs_dir: Path | None,
+    docs_key: str = "",
 ) -> ValidationReport:
     """run_suite in the worker process; a worker that died is replaced and tried once more.
 
-    `docs_dir` None: the Data Docs are written later, by docs_in_worker, so that the caller has
-    the verdict first (writing the site is about a third of a run at 2,000 rows) and can go on
-    while the worker writes them.
+    `docs_dir` None: the Data Docs are written later, by docs_in_worker(docs_key, ...), so that
+    the caller has the verdict first (writing the site is about a third of a run at 2,000 rows)
+    and can go on while the worker writes them.
 
     The worker gets suite_frame's columns (only what the suites read) and the settings through
     a pickle file: pickled through the pool's pipe instead, 100,000 rows raised this process's
@@ -160,7 +165,9 @@ def run_in_worker(
         for attempt in (1, 2):
             worker = _current()
             try:
-                report = worker.pool.submit(_run_suite_from_file, job, min_rows, docs_dir).result()
+                report = worker.pool.submit(
+                    _run_suite_from_file, job, min_rows, docs_dir, docs_key
+                ).result()
             except BrokenProcessPool as error:
                 ended = _discard(worker)
                 if attempt == 2:
@@ -187,11 +194,11 @@ def run_in_worker(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def docs_in_worker(docs_dir: Path) -> None:
-    """Write the Data Docs of the last run_in_worker(..., docs_dir=None) into docs_dir."""
+def docs_in_worker(docs_key: str, docs_dir: Path) -> None:
+    """Write the Data Docs of run_in_worker(..., docs_dir=None, docs_key) into docs_dir."""
     worker = _current()
     try:
-        worker.pool.submit(_write_pending_docs, docs_dir).result()
+        worker.pool.submit(_write_pending_docs, docs_key, docs_dir).result()
     except BrokenProcessPool as error:
         raise ValidationWorkerDied(
             f"the Data Docs were not written: the Great Expectations worker process "
@@ -254,15 +261,19 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
 
-_docs_pending: SuiteRun | None = None  # a validation whose Data Docs are still to be written
+# Validations whose Data Docs are still to be written, by key (a flow run's id): a few at most,
+# the oldest dropped (its flow process died before it asked for them).
+_docs_pending: collections.OrderedDict[str, SuiteRun] = collections.OrderedDict()
+_DOCS_PENDING_MAX = 4
 
 
-def _run_suite_from_file(job: Path, min_rows: int, docs_dir: Path | None) -> ValidationReport:
+def _run_suite_from_file(
+    job: Path, min_rows: int, docs_dir: Path | None, docs_key: str
+) -> ValidationReport:
     """run_suite over the frame and settings in `job` (the call itself carries only stdlib
     types: unpickling the settings or a frame imports their modules, and that happens after the
     import thread is done, so that no module is imported by two threads at once); with no
     docs_dir, the Data Docs wait for _write_pending_docs."""
-    global _docs_pending
     if _gx_import is not None:
         _gx_import.join()
     from expectations.runner import validate_frame, write_docs
@@ -270,19 +281,22 @@ def _run_suite_from_file(job: Path, min_rows: int, docs_dir: Path | None) -> Val
     with job.open("rb") as file:
         candidates, settings = pickle.load(file)
     report, run = validate_frame(candidates, settings, min_rows)
-    _docs_pending = run if docs_dir is None else None
     if docs_dir is not None:
         write_docs(run, docs_dir)
+    else:
+        _docs_pending.pop(docs_key, None)
+        _docs_pending[docs_key] = run
+        while len(_docs_pending) > _DOCS_PENDING_MAX:
+            _docs_pending.popitem(last=False)
     return report
 
 
-def _write_pending_docs(docs_dir: Path) -> None:
-    global _docs_pending
+def _write_pending_docs(docs_key: str, docs_dir: Path) -> None:
     from expectations.runner import write_docs
 
-    run, _docs_pending = _docs_pending, None
+    run = _docs_pending.pop(docs_key, None)
     if run is None:
-        raise RuntimeError("no validation is waiting for its Data Docs in this worker")
+        raise RuntimeError(f"no validation of {docs_key!r} is waiting for its Data Docs")
     write_docs(run, docs_dir)
 
 

@@ -80,7 +80,7 @@ def validate_dataset(
     a passed run's are written by publish_data_docs, which the flow runs beside publishing.
     """
     started = time.monotonic()
-    report = run_in_worker(candidates, settings, min_rows, None)
+    report = run_in_worker(candidates, settings, min_rows, None, docs_key=run_id)
     report.docs_uri = folder_uri(output, *docs_parts(dataset, run_id)) + "/index.html"
     report.seconds = round(time.monotonic() - started, 2)
     create_markdown_artifact(
@@ -102,5 +102,5 @@ def publish_data_docs(output: str, dataset: str, run_id: str) -> str:
 
 def write_data_docs(output: str, dataset: str, run_id: str) -> str:
     with tempfile.TemporaryDirectory(prefix="distillery-gx-") as tmp:
-        docs_in_worker(Path(tmp))
+        docs_in_worker(run_id, Path(tmp))
         return upload_folder(Path(tmp), output, *docs_parts(dataset, run_id))

@@ -355,24 +355,28 @@ def test_docs_written_after_the_verdict_once_and_a_worker_lost_in_between_is_nam
     tmp_path: Path,
 ) -> None:
     frame = make_rows(12)
-    report = worker.run_in_worker(frame, SETTINGS, 10, None)
+    report = worker.run_in_worker(frame, SETTINGS, 10, None, docs_key="run-a")
     assert report.success and report.evaluated == len(CONTRACT)
+    broken = frame.copy()
+    broken.loc[3, "answer"] = "Buy."
+    assert not worker.run_in_worker(broken, SETTINGS, 10, None, docs_key="run-b").success
     (tmp_path / "a").mkdir()
-    worker.docs_in_worker(tmp_path / "a")
+    worker.docs_in_worker("run-a", tmp_path / "a")
     index = (tmp_path / "a" / "index.html").read_text()
     assert "distillery-dataset" in index and "distillery-dataset-status" in index
     results = json.loads((tmp_path / "a" / "validation_result.json").read_text())
     assert set(results) == {"distillery-dataset", "distillery-dataset-status"}
-    with pytest.raises(RuntimeError, match="no validation is waiting for its Data Docs"):
-        worker.docs_in_worker(tmp_path / "a")
+    assert all(r["success"] for r in results.values())  # run-a's, not run-b's (validated after)
+    with pytest.raises(RuntimeError, match="no validation of 'run-a' is waiting for its Data Docs"):
+        worker.docs_in_worker("run-a", tmp_path / "a")
 
-    assert worker.run_in_worker(frame, SETTINGS, 10, None).success
+    assert worker.run_in_worker(frame, SETTINGS, 10, None, docs_key="run-c").success
     pid = worker.worker_info()["pid"]
     os.kill(pid, signal.SIGKILL)
     assert gone(pid, 10)
     (tmp_path / "b").mkdir()
     with pytest.raises(ValidationWorkerDied) as info:
-        worker.docs_in_worker(tmp_path / "b")
+        worker.docs_in_worker("run-c", tmp_path / "b")
     assert (
         f"the Data Docs were not written: the Great Expectations worker process (pid {pid}) "
         "was killed by SIGKILL" in str(info.value)
