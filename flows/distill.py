@@ -332,8 +332,10 @@ def build_manifest(
     report: ValidationReport,
     run_id: str,
     target: int,
+    fingerprint: str,
 ) -> dict[str, Any]:
-    """Everything a reader of a version needs to know about how it was made."""
+    """Everything a reader of a version needs to know about how it was made; `fingerprint`: the
+    accepted rows' content_fingerprint."""
     kept = candidates[candidates["status"] == "accepted"]
     new = candidates[candidates["run_id"] == run_id]
     answer_rejects = Counter(new.loc[new["status"] == "rejected", "reason"])
@@ -351,7 +353,7 @@ def build_manifest(
             **({"gguf": embedded.GGUF_FILE} if endpoint.embedded else {}),
         },
         "answer_fingerprint": plan.answer_fingerprint,
-        "content_fingerprint": content_fingerprint(kept),
+        "content_fingerprint": fingerprint,
         "refresh": plan.to_dict(),
         "random_seed": recipe.random_seed,
         "training_config": recipe.training.model_dump(),
@@ -504,18 +506,21 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     if generation.pending is not None:
         return waiting_for_batches(recipe, generation, generation.pending, run_id, started)
     candidates = assemble_candidates(generation.answered, recipe, run_id, plan.kept)
-    report = validate_dataset(
+    validation = validate_dataset.submit(
         candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
         recipe.name, run_id,
     )  # fmt: skip
+    # While the GX worker validates, this thread does what needs no verdict.
+    dataset = candidates[candidates["status"] == "accepted"]
+    fingerprint = content_fingerprint(dataset)
+    report = validation.result()
     # The Data Docs are written (in the GX worker) while the flow goes on; waited for before
     # the summary, which links them.
     docs = publish_data_docs.submit(params.output, recipe.name, run_id)
     manifest = build_manifest(
-        recipe, params, endpoint, plan, generation, candidates, report, run_id, target
+        recipe, params, endpoint, plan, generation, candidates, report, run_id, target, fingerprint
     )
     timings = {"teacher": generation.seconds, "validate": report.seconds}
-    dataset = candidates[candidates["status"] == "accepted"]
     if previous is not None and manifest["content_fingerprint"] == _fingerprint_of(previous):
         log.info(
             "nothing changed since %s (%d teacher requests sent): nothing published, no training",
