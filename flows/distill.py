@@ -514,8 +514,8 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     dataset = candidates[candidates["status"] == "accepted"]
     fingerprint = content_fingerprint(dataset)
     report = validation.result()
-    # The Data Docs are written (in the GX worker) while the flow goes on; waited for before
-    # the summary, which links them.
+    # The Data Docs are written (in the GX worker) while the flow publishes; their URI is known
+    # already, so the manifest and the summary link them before they are there.
     docs = publish_data_docs.submit(params.output, recipe.name, run_id)
     manifest = build_manifest(
         recipe, params, endpoint, plan, generation, candidates, report, run_id, target, fingerprint
@@ -532,8 +532,8 @@ def _distill(params: DistillParams) -> dict[str, Any]:
             version=previous.version,
             published=previous.manifest.get("counts", {}).get("published"),
         )
-        docs.result()
         artifacts.summary(recipe, summary, manifest)
+        docs.result()
         return summary
     rejected = pd.concat(
         [
@@ -563,8 +563,8 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     summary.update(uri=published.uri, version=published.version, published=published.counts)
     artifacts.sample(recipe, dataset, published.version)
     artifacts.dataset_link(recipe, published.uri, published.version)
-    docs.result()
     artifacts.summary(recipe, summary, manifest)
+    docs.result()  # before a reviewer is asked to read them, and before training
     if review:
         decision = review_gate(recipe, published.uri, summary)
         update_manifest(published.uri, "review", decision)
