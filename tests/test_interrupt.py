@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,22 @@ RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 CONCURRENCY = 8
 GRACE_S = 10.0
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here and in the CLI runs started here, as in a terminal.
+
+    A process started with SIGINT ignored (a shell's `cmd &` without job control: scripts, some
+    CI runners) passes that on: Python then leaves it ignored, and so would the CLI it starts
+    (exec keeps an ignored signal ignored). Without this, these tests failed when pytest was
+    launched that way (the SIGINT never arrived), though the code was right.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def engine_for(server: FakeTeacher, cache: Path, **settings: object) -> TeacherEngine:
