@@ -336,9 +336,10 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Everything a reader of a version needs to know about how it was made; `fingerprint`: the
     accepted rows' content_fingerprint."""
-    kept = candidates[candidates["status"] == "accepted"]
-    new = candidates[candidates["run_id"] == run_id]
-    answer_rejects = Counter(new.loc[new["status"] == "rejected", "reason"])
+    # Masks, not copies of the rows (each of the two was most of the frame).
+    kept = candidates["status"] == "accepted"
+    new = candidates["run_id"] == run_id
+    answer_rejects = Counter(candidates.loc[new & (candidates["status"] == "rejected"), "reason"])
     return {
         "dataset": recipe.name,
         "run_id": run_id,
@@ -362,14 +363,14 @@ def build_manifest(
             "kept_from_previous": len(plan.kept),
             "expansion": {**generation.expansion, "rejected": dict(generation.expansion_rejects)},
             "answers": {
-                "answered": len(new),
-                "accepted": int((new["status"] == "accepted").sum()),
+                "answered": int(new.sum()),
+                "accepted": int((new & kept).sum()),
                 "rejected": dict(answer_rejects),
             },
         },
         "tokens": {
-            "dataset_prompt_tokens": int(kept["prompt_tokens"].sum()),
-            "dataset_completion_tokens": int(kept["completion_tokens"].sum()),
+            "dataset_prompt_tokens": int(candidates.loc[kept, "prompt_tokens"].sum()),
+            "dataset_completion_tokens": int(candidates.loc[kept, "completion_tokens"].sum()),
             "requests": generation.requests,
             "requests_sent": generation.this_run.sent,
             "requests_cached": generation.requests_cached,
@@ -510,10 +511,12 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
         recipe.name, run_id,
     )  # fmt: skip
-    # While the GX worker validates, this thread does what needs no verdict.
-    dataset = candidates[candidates["status"] == "accepted"]
-    fingerprint = content_fingerprint(dataset)
+    # While the GX worker validates, this thread does what needs no verdict (reading the
+    # accepted rows in place: the worker is at its peak of memory now).
+    accepted = candidates["status"] == "accepted"
+    fingerprint = content_fingerprint(candidates, accepted)
     report = validation.result()
+    dataset = candidates[accepted]
     # The Data Docs are written (in the GX worker) while the flow publishes; their URI is known
     # already, so the manifest and the summary link them before they are there.
     docs = publish_data_docs.submit(params.output, recipe.name, run_id)

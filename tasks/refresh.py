@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 
 from tasks.expand import INPUT_COLUMNS, seed_inputs
@@ -83,16 +84,29 @@ def answer_fingerprint(recipe: Recipe, endpoint: TeacherEndpoint) -> str:
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def content_fingerprint(rows: pd.DataFrame) -> str:
-    """The published content: ids, answers, chat turns and splits, in id order."""
+def content_fingerprint(rows: pd.DataFrame, where: pd.Series | None = None) -> str:
+    """The published content: ids, answers, chat turns and splits, in id order; of the rows
+    where `where` is true, when given (the accepted rows of a candidate frame).
+
+    Read 10,000 rows at a time: a sorted copy of the four columns, made at once, held the flow
+    process ~55 MiB higher at 100,000 rows (and glibc kept it), while the Great Expectations
+    worker is at its own peak (the flow computes this during validation; bench item 5).
+    """
     digest = hashlib.sha256()
-    ordered = rows[["id", "answer", "split", "messages"]].sort_values("id")
-    for rid, answer, split, messages in zip(
-        ordered["id"], ordered["answer"], ordered["split"], ordered["messages"], strict=True
-    ):
-        turns = [(m["role"], m["content"]) for m in messages]
-        digest.update(json.dumps([rid, answer, split, turns]).encode())
+    positions = np.arange(len(rows)) if where is None else np.flatnonzero(where.to_numpy(bool))
+    order = positions[np.argsort(rows["id"].to_numpy(object)[positions], kind="stable")]
+    columns = rows[["id", "answer", "split", "messages"]]
+    for start in range(0, len(order), _FINGERPRINT_CHUNK):
+        part = columns.iloc[order[start : start + _FINGERPRINT_CHUNK]]
+        for rid, answer, split, messages in zip(
+            part["id"], part["answer"], part["split"], part["messages"], strict=True
+        ):
+            turns = [(m["role"], m["content"]) for m in messages]
+            digest.update(json.dumps([rid, answer, split, turns]).encode())
     return digest.hexdigest()[:16]
+
+
+_FINGERPRINT_CHUNK = 10_000
 
 
 @dataclass

@@ -199,3 +199,44 @@ def test_from_scratch_ignores_latest(workdir: Path, teacher: FakeTeacher) -> Non
     _, rows, manifest = latest(out)
     assert manifest["refresh"]["previous"] is None
     assert set(rows["run_id"]) == {scratch["flow_run_id"]}
+
+
+def _rows(ids: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "answer": [f"answer of {i}" for i in ids],
+            "split": ["train" if n % 3 else "validation" for n in range(len(ids))],
+            "messages": [
+                [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a"}]
+                for i in ids
+            ],
+            "status": ["accepted" if n % 4 else "rejected" for n in range(len(ids))],
+        }
+    )
+
+
+def test_content_fingerprint_reads_the_masked_rows_in_id_order_chunk_by_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+
+    from tasks import refresh
+
+    frame = _rows([f"{n * 7919 % 101:016x}" for n in range(23)])  # ids out of order
+    accepted = frame[frame["status"] == "accepted"]
+    # The form that published manifests hold (must not change: a refresh compares with them).
+    digest = hashlib.sha256()
+    for row in accepted.sort_values("id").itertuples():
+        turns = [(m["role"], m["content"]) for m in row.messages]
+        digest.update(json.dumps([row.id, row.answer, row.split, turns]).encode())
+    expected = digest.hexdigest()[:16]
+
+    assert refresh.content_fingerprint(accepted) == expected
+    assert refresh.content_fingerprint(frame, frame["status"] == "accepted") == expected
+    assert refresh.content_fingerprint(accepted.iloc[::-1]) == expected  # row order: none
+    monkeypatch.setattr(refresh, "_FINGERPRINT_CHUNK", 2)  # chunks split the 17 rows unevenly
+    assert refresh.content_fingerprint(frame, frame["status"] == "accepted") == expected
+    changed = frame.copy()
+    changed.loc[changed.index[1], "answer"] = "another answer"
+    assert refresh.content_fingerprint(changed, changed["status"] == "accepted") != expected
