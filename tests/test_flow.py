@@ -297,3 +297,21 @@ def test_recipe_and_seeds_file_load_from_s3(s3_endpoint: str) -> None:
         RecipeError, match=r"s3://distillery-recipes/r/missing\.yaml: recipe file not found"
     ):
         load_recipe("s3://distillery-recipes/r/missing.yaml")
+
+
+def test_the_startup_objects_are_frozen_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from flows import distill as module
+
+    monkeypatch.setattr(module, "_startup_frozen", False)
+    gc.unfreeze()
+    try:
+        module._freeze_startup_objects()
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # the imported modules' objects, out of the full collections' scans
+        run_objects = [[n] for n in range(1000)]  # what a run creates stays collectable:
+        module._freeze_startup_objects()  # a second flow run in the process freezes nothing
+        assert gc.get_freeze_count() == frozen, len(run_objects)
+    finally:
+        gc.unfreeze()
