@@ -307,9 +307,9 @@ def _release_memory(collect: bool = True) -> None:
 
     A call of its own, which the flow sends once it has what it waited for: run in a thread
     after the suite, the collection held the GIL while the report was on its way back (0.17 s
-    at 2,000 rows). `collect=False`: give back what is free without a full collection (at
-    100,000 rows, measured in-process: the suite left the worker 168 MiB up; the trim alone took
-    3 ms and left 66, the collection and trim 0.14 s and left none)."""
+    at 2,000 rows). `collect=False`: give back what is free without a full collection (100,000
+    rows of the fake teacher's texts, measured in-process: the suite left the worker 168 MiB
+    up; the trim alone took 3 ms and left 66, the collection and trim 0.14 s and left none)."""
     from tasks.memory import release_freed_memory
 
     release_freed_memory(collect=collect)

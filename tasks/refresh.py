@@ -89,8 +89,8 @@ def content_fingerprint(rows: pd.DataFrame, where: pd.Series | None = None) -> s
     where `where` is true, when given (the accepted rows of a candidate frame).
 
     Read 10,000 rows at a time: a sorted copy of the four columns, made at once, held the flow
-    process ~55 MiB higher at 100,000 rows (and glibc kept it), while the Great Expectations
-    worker is at its own peak (the flow computes this during validation; bench item 5).
+    process ~55 MiB higher (100,000 rows of the fake teacher's texts; glibc kept it) while the
+    Great Expectations worker is at its own peak (the flow computes this during validation).
     """
     digest = hashlib.sha256()
     positions = np.arange(len(rows)) if where is None else np.flatnonzero(where.to_numpy(bool))
