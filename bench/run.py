@@ -51,12 +51,12 @@ import openai
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import tasks.batch  # noqa: E402
+import distillery.tasks.batch  # noqa: E402
 from fake_openai_batches import FakeOpenAIBatches  # noqa: E402
 from fake_openai_batches import Knobs as BatchKnobs  # noqa: E402
 from fake_teacher import gen_question, gen_user_context, spawn  # noqa: E402
-from tasks.cost import Price  # noqa: E402
-from tasks.teacher import (  # noqa: E402
+from distillery.tasks.cost import Price  # noqa: E402
+from distillery.tasks.teacher import (  # noqa: E402
     CallStats,
     ChatRequest,
     EngineSettings,
@@ -618,7 +618,7 @@ def bench_batch(n: int) -> Section:
     )  # fmt: skip
     reqs = requests_for(n, "batch")
     # The API's 50,000 requests a file, scaled down so that N=2000 spans three files.
-    tasks.batch.MAX_REQUESTS = 800
+    distillery.tasks.batch.MAX_REQUESTS = 800
     with FakeOpenAIBatches(knobs) as server, tempfile.TemporaryDirectory() as cache:
         config = EngineSettings(
             cache_dir=Path(cache), progress=False, batch=True,

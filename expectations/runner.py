@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.recipe import ValidationSettings
-from tasks.record import RECORD_COLUMNS
+from distillery.tasks.recipe import ValidationSettings
+from distillery.tasks.record import RECORD_COLUMNS
 
 # The columns the suites read: all the worker is sent of the candidate frame.
 CHECKED_COLUMNS: list[str] = [*RECORD_COLUMNS, "status"]
@@ -154,7 +154,7 @@ def validate_frame(
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    from expectations.suite import build_suites
+    from distillery.expectations.suite import build_suites
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -15,8 +15,8 @@ from typing import NamedTuple
 import great_expectations as gx
 import great_expectations.expectations as gxe
 
-from tasks.recipe import ValidationSettings
-from tasks.record import RECORD_COLUMNS, TEMPLATE_LEAK_PATTERN
+from distillery.tasks.recipe import ValidationSettings
+from distillery.tasks.record import RECORD_COLUMNS, TEMPLATE_LEAK_PATTERN
 
 SUITE_NAME = "distillery-dataset"  # the accepted rows: the rows a version publishes
 STATUS_SUITE_NAME = "distillery-dataset-status"  # every answered row: status and rejected share

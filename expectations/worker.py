@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-    from expectations.runner import SuiteRun, ValidationReport
-    from tasks.recipe import ValidationSettings
+    from distillery.expectations.runner import SuiteRun, ValidationReport
+    from distillery.tasks.recipe import ValidationSettings
 
 logger = logging.getLogger("distillery.validate")
 
@@ -155,7 +155,7 @@ def run_in_worker(
     peak RSS by 339 MiB (the pickle is built in memory, 114 MiB, with copies); written to a
     file, by 38.
     """
-    from expectations.runner import suite_frame
+    from distillery.expectations.runner import suite_frame
 
     with tempfile.TemporaryDirectory(prefix="distillery-gx-frame-") as tmp:
         job = Path(tmp) / "candidates.pkl"
@@ -246,7 +246,7 @@ def _import_great_expectations() -> None:
     try:
         import great_expectations  # noqa: F401
 
-        import expectations.suite  # noqa: F401
+        import distillery.expectations.suite  # noqa: F401
     except Exception:  # run_suite imports it again and raises there, to the flow
         pass
 
@@ -278,7 +278,7 @@ def _run_suite_from_file(
     docs_dir, the Data Docs wait for _write_pending_docs."""
     if _gx_import is not None:
         _gx_import.join()
-    from expectations.runner import validate_frame, write_docs
+    from distillery.expectations.runner import validate_frame, write_docs
 
     with job.open("rb") as file:
         candidates, settings = pickle.load(file)
@@ -294,7 +294,7 @@ def _run_suite_from_file(
 
 
 def _write_pending_docs(docs_key: str, docs_dir: Path) -> None:
-    from expectations.runner import write_docs
+    from distillery.expectations.runner import write_docs
 
     run = _docs_pending.pop(docs_key, None)
     if run is None:
@@ -310,7 +310,7 @@ def _release_memory(collect: bool = True) -> None:
     at 2,000 rows). `collect=False`: give back what is free without a full collection (100,000
     rows of the fake teacher's texts, measured in-process: the suite left the worker 168 MiB
     up; the trim alone took 3 ms and left 66, the collection and trim 0.14 s and left none)."""
-    from tasks.memory import release_freed_memory
+    from distillery.tasks.memory import release_freed_memory
 
     release_freed_memory(collect=collect)
 

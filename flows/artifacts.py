@@ -23,9 +23,9 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.utilities.context import get_task_and_flow_run_ids
 
-from tasks.cost import format_usd
-from tasks.recipe import Recipe
-from tasks.teacher import BatchesPending, TeacherEngine
+from distillery.tasks.cost import format_usd
+from distillery.tasks.recipe import Recipe
+from distillery.tasks.teacher import BatchesPending, TeacherEngine
 
 logger = logging.getLogger("distillery.artifacts")
 

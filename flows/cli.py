@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "review":
             return _review(args)
         if args.command == "stack":
-            from flows.stack import command as stack_command
+            from distillery.flows.stack import command as stack_command
 
             return stack_command(args)
         return _run(args)
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tasks.embedded import MODEL_NAME, EmbeddedSettings, serve
+    from distillery.tasks.embedded import MODEL_NAME, EmbeddedSettings, serve
 
     print(f"serving {MODEL_NAME} on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)")
     serve(args.host, args.port, None, EmbeddedSettings())
@@ -153,8 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from flows.train import TrainParams, train
-    from tasks.train import TrainingFailed, resolve_version
+    from distillery.flows.train import TrainParams, train
+    from distillery.tasks.train import TrainingFailed, resolve_version
 
     try:
         resolve_version(args.version)  # a bad version costs nothing and submits nothing
@@ -169,7 +169,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from flows.review import answer_review
+    from distillery.flows.review import answer_review
 
     if not os.environ.get("PREFECT_API_URL"):
         print(
@@ -224,7 +224,7 @@ def _short(text: Any, limit: int) -> str:
 def _run(args: argparse.Namespace) -> int:
     # The recipe and the teacher settings are checked before Prefect starts: a bad recipe costs
     # nothing, writes nothing and sends no request.
-    from tasks.recipe import RecipeError, load_recipe, target_size
+    from distillery.tasks.recipe import RecipeError, load_recipe, target_size
 
     try:
         recipe = load_recipe(args.recipe)
@@ -243,10 +243,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch:
         os.environ["DISTILLERY_BATCH"] = "1"
 
-    from flows.distill import DistillParams, distill, resolve_endpoint
-    from flows.recheck import WAITING
-    from tasks.cost import format_usd
-    from tasks.teacher import (
+    from distillery.flows.distill import DistillParams, distill, resolve_endpoint
+    from distillery.flows.recheck import WAITING
+    from distillery.tasks.cost import format_usd
+    from distillery.tasks.teacher import (
         BudgetExceeded,
         EngineSettings,
         TeacherError,
@@ -254,8 +254,8 @@ def _run(args: argparse.Namespace) -> int:
         check_settings,
         close_engines,
     )
-    from tasks.train import TrainingFailed, check_backend
-    from tasks.validate import ValidationFailed
+    from distillery.tasks.train import TrainingFailed, check_backend
+    from distillery.tasks.validate import ValidationFailed
 
     params = DistillParams(
         recipe=args.recipe,

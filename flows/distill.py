@@ -23,15 +23,15 @@ from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows import artifacts, recheck
-from flows.artifacts import asset_key
-from flows.notify import notify_failure
-from flows.review import review_gate
-from tasks import embedded
-from tasks.answer import AnswerResult, answer_inputs
-from tasks.cost import price_for
-from tasks.expand import INPUT_COLUMNS, ExpansionResult, expand_inputs
-from tasks.export import (
+from distillery.flows import artifacts, recheck
+from distillery.flows.artifacts import asset_key
+from distillery.flows.notify import notify_failure
+from distillery.flows.review import review_gate
+from distillery.tasks import embedded
+from distillery.tasks.answer import AnswerResult, answer_inputs
+from distillery.tasks.cost import price_for
+from distillery.tasks.expand import INPUT_COLUMNS, ExpansionResult, expand_inputs
+from distillery.tasks.export import (
     PublishedVersion,
     assemble_candidates,
     code_version,
@@ -39,9 +39,9 @@ from tasks.export import (
     publish_dataset,
     update_manifest,
 )
-from tasks.memory import release_freed_memory
-from tasks.recipe import Recipe, load_recipe, target_size
-from tasks.refresh import (
+from distillery.tasks.memory import release_freed_memory
+from distillery.tasks.recipe import Recipe, load_recipe, target_size
+from distillery.tasks.refresh import (
     Previous,
     RefreshPlan,
     answer_fingerprint,
@@ -49,7 +49,7 @@ from tasks.refresh import (
     plan_refresh,
     read_latest,
 )
-from tasks.teacher import (
+from distillery.tasks.teacher import (
     BatchesPending,
     CallStats,
     TeacherEndpoint,
@@ -57,8 +57,8 @@ from tasks.teacher import (
     api_key_for,
     get_engine,
 )
-from tasks.train import train_student
-from tasks.validate import (
+from distillery.tasks.train import train_student
+from distillery.tasks.validate import (
     ValidationReport,
     preload_great_expectations,
     publish_data_docs,

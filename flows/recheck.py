@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 
-from tasks.teacher import BatchesPending
+from distillery.tasks.teacher import BatchesPending
 
 logger = logging.getLogger("distillery.recheck")
 

@@ -19,7 +19,7 @@ from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 
-from tasks.recipe import Recipe
+from distillery.tasks.recipe import Recipe
 
 
 class ReviewDecision(RunInput):

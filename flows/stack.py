@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flows.cli import _PREFECT_DEFAULTS
+from distillery.flows.cli import _PREFECT_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = REPO / ".stack"
@@ -156,7 +156,7 @@ def _start(stack: Stack, name: str, args: list[str], env: dict[str, str]) -> Pro
     log = home / f"{name}.log"
     with log.open("wb") as out:
         # Its own session: a process started from a non-interactive shell with `&` ignores
-        # SIGTERM (STACK-NOTES), and `down` stops the whole group.
+        # SIGINT and SIGTERM (seen with `prefect worker start &`); `down` stops the whole group.
         proc = subprocess.Popen(
             _prefect(*args), cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,

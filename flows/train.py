@@ -7,9 +7,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.notify import notify_failure
-from tasks.recipe import TrainingSettings
-from tasks.train import resolve_version, train_student
+from distillery.flows.notify import notify_failure
+from distillery.tasks.recipe import TrainingSettings
+from distillery.tasks.train import resolve_version, train_student
 
 
 class TrainParams(BaseModel):

@@ -11,9 +11,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from tasks.recipe import EXPLAINED_SUFFIX, AnswerSettings, Recipe, ValidationSettings
-from tasks.record import TEMPLATE_LEAK_PATTERN
-from tasks.teacher import (
+from distillery.tasks.recipe import EXPLAINED_SUFFIX, AnswerSettings, Recipe, ValidationSettings
+from distillery.tasks.record import TEMPLATE_LEAK_PATTERN
+from distillery.tasks.teacher import (
     CallStats,
     ChatRequest,
     ChatResult,

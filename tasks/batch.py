@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 import openai
 from openai.types import Batch
 
-from tasks.teacher import (
+from distillery.tasks.teacher import (
     BatchesPending,
     ChatRequest,
     ChatResult,
@@ -30,7 +30,7 @@ from tasks.teacher import (
 )
 
 if TYPE_CHECKING:
-    from tasks.teacher import TeacherEngine
+    from distillery.tasks.teacher import TeacherEngine
 
 logger = logging.getLogger("distillery.batch")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import threading
@@ -34,6 +33,8 @@ class Price(BaseModel):
 FREE = Price(input_usd_per_1m=0, output_usd_per_1m=0)
 
 OPENAI_HOST = "api.openai.com"
+# TeacherEndpoint.host of the embedded teacher (its loopback port changes from run to run).
+EMBEDDED_HOST = "embedded"
 
 # OpenAI's standard-tier list prices, USD per 1M (input, output) tokens, from
 # https://platform.openai.com/docs/pricing as summarised in 2026. Cached-input discounts are not
@@ -73,28 +74,22 @@ _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
-def is_local(host: str) -> bool:
-    """True for an endpoint on this machine or a private network (a server nobody bills for)."""
-    if host in ("embedded", "localhost") or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        # A single-label name (a docker-compose service, a LAN box) is not a public provider.
-        return "." not in host
-    return address.is_loopback or address.is_private or address.is_link_local
-
-
 def price_for(model: str, host: str, override: Price | None = None) -> Price | None:
-    """The price of `model` at `host`: the override, OpenAI's list price, 0 locally, else None."""
+    """The price of `model` at `host`: the override, OpenAI's list price, 0 for the embedded
+    teacher, else None (unknown).
+
+    A private or dot-less host is not assumed free: a paid gateway (`http://litellm:4000`, a
+    10.x proxy) looks just like a local vLLM. A server nobody bills for is marked free by the
+    user with a zero `teacher.price` in the recipe.
+    """
     if override is not None:
         return override
+    if host == EMBEDDED_HOST:
+        return FREE
     if host == OPENAI_HOST:
         listed = OPENAI_PRICES.get(model) or OPENAI_PRICES.get(_SNAPSHOT.sub("", model))
         if listed is not None:
             return Price(input_usd_per_1m=listed[0], output_usd_per_1m=listed[1])
-    elif is_local(host):
-        return FREE
     with _warned_lock:
         first = (host, model) not in _warned
         _warned.add((host, model))
@@ -102,7 +97,8 @@ def price_for(model: str, host: str, override: Price | None = None) -> Price | N
         # Tokens are still counted; the cost is reported as unknown, never as 0.
         logger.warning(
             "no price known for model %r at %s: its cost is reported as unknown; set "
-            "teacher.price in the recipe (USD per 1M input and output tokens) to count it",
+            "teacher.price in the recipe (USD per 1M input and output tokens; zeros for a "
+            "server nobody bills for) to count it",
             model,
             host,
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.teacher import TeacherEndpoint, TeacherError, TeacherUnavailable, close_engine
+from distillery.tasks.teacher import TeacherEndpoint, TeacherError, TeacherUnavailable, close_engine
 
 logger = logging.getLogger("distillery.embedded")
 
@@ -91,7 +91,7 @@ class EmbeddedTeacher:
         """Start the server and wait until it answers; returns its base URL."""
         _check_server_installed()
         command = [
-            sys.executable, "-m", "tasks.embedded", "--port", str(self.port),
+            sys.executable, "-m", "distillery.tasks.embedded", "--port", str(self.port),
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         logger.info("starting the embedded teacher (%s) on %s", GGUF_FILE, self.url)

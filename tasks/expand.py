@@ -17,9 +17,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from tasks.recipe import Recipe, ValidationSettings
-from tasks.record import TEMPLATE_LEAK_PATTERN, normalise_text, record_id
-from tasks.teacher import (
+from distillery.tasks.recipe import Recipe, ValidationSettings
+from distillery.tasks.record import TEMPLATE_LEAK_PATTERN, normalise_text, record_id
+from distillery.tasks.teacher import (
     CallStats,
     ChatRequest,
     TeacherEndpoint,
@@ -428,8 +428,8 @@ def run_expansion(
         result.shortfall = (
             f"expansion stopped at the round cap ({cfg.max_rounds}) with {len(accepted)} of {want} "
             f"new inputs accepted ({result.requests} requests, {result.parsed} examples parsed, "
-            f"rejected: {dict(result.rejects)}); raise expansion.max_rounds or lower "
-            "expansion.near_duplicate_threshold in the recipe."
+            f"rejected: {dict(result.rejects)}); raise expansion.max_rounds, or raise "
+            "expansion.near_duplicate_threshold in the recipe to keep more near-duplicates."
         )
         logger.warning(result.shortfall)
     result.accepted = pd.DataFrame(accepted, columns=INPUT_COLUMNS)

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.recipe import Recipe
-from tasks.record import RECORD_COLUMNS, RECORD_SCHEMA, REJECT_SCHEMA
+from distillery.tasks.recipe import Recipe
+from distillery.tasks.record import RECORD_COLUMNS, RECORD_SCHEMA, REJECT_SCHEMA
 
 logger = logging.getLogger("distillery.export")
 
@@ -68,8 +68,16 @@ def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 
 
 def code_version() -> str:
-    """The package version, plus the git commit when running from a checkout."""
-    version = metadata.version("distillery")
+    """The package version, plus the git commit when running from a checkout.
+
+    A checkout run without an install (`python -m distillery.flows.cli` from the repository's
+    root) has no package metadata: the version is then "0+unknown", and the commit still says
+    exactly which code ran.
+    """
+    try:
+        version = metadata.version("distillery")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -81,7 +89,8 @@ def code_version() -> str:
         ).stdout.strip()
     except (FileNotFoundError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return version
-    return f"{version}+g{sha}"
+    # A local version label has one "+": the commit joins it with a dot.
+    return f"{version}{'.' if '+' in version else '+'}g{sha}"
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.cost import Price
-from tasks.record import normalise_text, record_id
+from distillery.tasks.cost import Price
+from distillery.tasks.record import normalise_text, record_id
 
 
 class RecipeError(ValueError):

@@ -28,11 +28,11 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from tasks.expand import INPUT_COLUMNS, seed_inputs
-from tasks.export import read_text
-from tasks.recipe import Recipe
-from tasks.record import RECORD_COLUMNS
-from tasks.teacher import TeacherEndpoint
+from distillery.tasks.expand import INPUT_COLUMNS, seed_inputs
+from distillery.tasks.export import read_text
+from distillery.tasks.recipe import Recipe
+from distillery.tasks.record import RECORD_COLUMNS
+from distillery.tasks.teacher import TeacherEndpoint
 
 logger = logging.getLogger("distillery.refresh")
 

@@ -93,8 +93,8 @@ def prompt_completion(chats: list[Chat]) -> list[dict[str, Chat]]:
 
 def gguf_path() -> Path:
     """The teacher's GGUF, which the student starts from (tasks.embedded finds it)."""
-    from tasks.embedded import gguf_path as find
-    from tasks.teacher import TeacherError
+    from distillery.tasks.embedded import gguf_path as find
+    from distillery.tasks.teacher import TeacherError
 
     try:
         return find()
@@ -138,7 +138,8 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are fp32 now, but the model still calls itself GGUF-quantised, and then
-    # save_pretrained and SFTTrainer refuse it (STACK-NOTES).
+    # save_pretrained and SFTTrainer refuse it (transformers 5.24: both check
+    # hf_quantizer / is_quantized, which from_pretrained(gguf_file=...) sets).
     model.hf_quantizer = None
     model.is_quantized = False
     del model.config.quantization_config
@@ -412,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tasks.student",
+        prog="python -m distillery.tasks.student",
         description="Fine-tune SmolLM2-135M on a chat JSONL dataset on CPU and measure it.",
     )
     parser.add_argument("--train", type=Path, required=True, help="train split, chat JSONL")
@@ -450,7 +451,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=int,
-        # One or two: more threads than free cores only slow torch down (STACK-NOTES).
+        # One or two: more threads than free cores only slow torch down (measured on 2
+        # shared cores: one thread was often faster than two).
         default=min(2, os.cpu_count() or 1),
         help="torch threads (default: the cores, at most 2)",
     )

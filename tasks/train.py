@@ -21,8 +21,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from tasks.export import read_text, update_manifest
-from tasks.recipe import TrainingSettings
+from distillery.tasks.export import read_text, update_manifest
+from distillery.tasks.recipe import TrainingSettings
 
 logger = logging.getLogger("distillery.train")
 
@@ -95,7 +95,7 @@ def _student_command(
 ) -> list[str]:
     local = settings.local
     command = [
-        sys.executable, "-m", "tasks.student", "--train", str(train),
+        sys.executable, "-m", "distillery.tasks.student", "--train", str(train),
         "--validation", str(validation), "--output", str(out), "--method", local.method,
         "--epochs", str(local.epochs), "--batch-size", str(local.batch_size),
         "--max-length", str(local.max_length), "--samples", str(local.samples),
@@ -263,7 +263,7 @@ def run_training(
         seed = int(version.manifest.get("random_seed", 0))
         outcome = train_local(version, settings, seed=seed, log=log)
     elif settings.backend == "openai":
-        from tasks.train_openai import train_openai
+        from distillery.tasks.train_openai import train_openai
 
         cfg = settings.openai
         outcome = train_openai(

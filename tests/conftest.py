@@ -15,7 +15,7 @@ REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))  # fake_teacher is shared with bench/ as a plain module
 
 # Before Prefect is imported anywhere: no telemetry offline, and a server start that may be slow
-# on 2 busy cores (STACK-NOTES).
+# on 2 busy cores (10-40 s measured; Prefect's default timeout is 20 s).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -47,7 +47,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_api: str) -
     """Per test: its own teacher cache and Prefect result storage, so no test answers another."""
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-    from tasks.teacher import close_engines
+    from distillery.tasks.teacher import close_engines
 
     monkeypatch.setenv("DISTILLERY_CACHE_DIR", str(tmp_path / "cache"))
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):

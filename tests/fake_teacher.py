@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from tasks.teacher import ChatRequest
+    from distillery.tasks.teacher import ChatRequest
 
 # --------------------------------------------------------------------------------------------
 # Knobs and counters
@@ -71,6 +71,8 @@ class Stats:
     answered_by_body: collections.Counter[str] = field(default_factory=collections.Counter)
     received_by_body: collections.Counter[str] = field(default_factory=collections.Counter)
     resent_after_answer: int = 0  # requests whose body had already been answered on arrival
+    # Requests by the response_format type they asked for ("text": none asked).
+    received_by_form: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def answered_twice(self) -> int:
@@ -89,6 +91,7 @@ class Stats:
             answered_by_body=collections.Counter(self.answered_by_body),
             received_by_body=collections.Counter(self.received_by_body),
             resent_after_answer=self.resent_after_answer,
+            received_by_form=collections.Counter(self.received_by_form),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -525,7 +528,7 @@ def chat_requests(n: int, tag: str = "q", max_tokens: int = 64) -> list[ChatRequ
 
     (The project's ChatRequest is imported here, not at the top: the server runs on its own.)
     """
-    from tasks.teacher import ChatRequest
+    from distillery.tasks.teacher import ChatRequest
 
     return [
         ChatRequest(
@@ -944,6 +947,9 @@ class _Core:
             stats.received_by_body[key] = attempt + 1
             if stats.answered_by_body.get(key, 0) >= 1:
                 stats.resent_after_answer += 1
+            response_format = body.get("response_format")
+            asked = response_format.get("type") if isinstance(response_format, dict) else None
+            stats.received_by_form[asked or "text"] += 1
 
         if knobs.status is not None:
             with self.lock:

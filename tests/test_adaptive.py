@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fake_teacher import FakeTeacher, Knobs, chat_requests
-from tasks.teacher import ConcurrencyLimit, EngineSettings, TeacherEndpoint, TeacherEngine
+from distillery.tasks.teacher import ConcurrencyLimit, EngineSettings, TeacherEndpoint, TeacherEngine
 
 
 def simulate(limit: ConcurrencyLimit, slots: int, service: float, answers: int) -> list[int]:

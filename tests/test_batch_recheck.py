@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from fake_openai_batches import FakeOpenAIBatches, Knobs
-from flows.distill import distill
-from tasks.teacher import close_engines
+from distillery.flows.distill import distill
+from distillery.tasks.teacher import close_engines
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
@@ -163,8 +163,8 @@ def test_a_deployment_run_schedules_its_recheck_run_which_publishes(
 def test_the_cli_says_when_to_run_again_and_exits_75(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import flows.distill
-    from flows.cli import _PREFECT_DEFAULTS, EXIT_WAITING, main
+    import distillery.flows.distill
+    from distillery.flows.cli import _PREFECT_DEFAULTS, EXIT_WAITING, main
 
     note = "waiting for batches: 2 batches of the Batch API running (3 of 10 requests answered)"
     # main() sets these in the environment: through monkeypatch, so that they are undone.
@@ -172,7 +172,7 @@ def test_the_cli_says_when_to_run_again_and_exits_75(
         monkeypatch.setenv(name, os.environ.get(name, value))
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setattr(
-        flows.distill,
+        distillery.flows.distill,
         "distill",
         lambda **params: {"outcome": "waiting for batches", "message": note, "published": None},
     )

@@ -35,7 +35,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 def distillery(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "distillery.flows.cli", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fake_teacher import FakeTeacher, Knobs, chat_requests
-from tasks.cost import FREE, Price, price_for
-from tasks.teacher import (
+from distillery.tasks.cost import FREE, Price, price_for
+from distillery.tasks.teacher import (
     BudgetExceeded,
     ChatRequest,
     EngineSettings,
@@ -60,9 +60,29 @@ def test_openai_models_have_list_prices_and_snapshots_take_their_familys() -> No
     assert mini.cost(1_000_000, 1_000_000, batch=True) == pytest.approx(0.375)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "embedded", "10.1.2.3", "vllm"])
-def test_local_servers_cost_nothing(host: str) -> None:
-    assert price_for("whatever-model", host) == FREE
+def test_only_the_embedded_teacher_costs_nothing_without_a_price() -> None:
+    assert price_for("whatever-model", "embedded") == FREE
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "litellm", "vllm"])
+def test_a_private_or_dotless_host_is_not_assumed_free(host: str) -> None:
+    # A paid gateway (http://litellm:4000, a 10.x proxy) looks like a local server: its price is
+    # unknown until the recipe says it (zeros for a server nobody bills for).
+    assert price_for("whatever-model", host) is None
+    assert price_for("whatever-model", host, FREE) == FREE
+
+
+def test_a_cap_on_a_gateway_of_unknown_price_is_refused_before_any_call(tmp_path: Path) -> None:
+    settings = EngineSettings(cache_dir=tmp_path, progress=False, max_cost_usd=5.0)
+    with FakeTeacher() as server:
+        endpoint = TeacherEndpoint(model="gpt-4o", base_url=server.url)
+        with pytest.raises(TeacherError, match=r"teacher\.price") as info:
+            TeacherEngine(endpoint, settings, api_key="sk-test")
+        assert "127.0.0.1" in str(info.value) and "--max-cost" in str(info.value)
+        assert server.stats.received == 0
+        # Marked free by the user, the same cap is accepted.
+        free = TeacherEndpoint(model="gpt-4o", base_url=server.url, price=FREE)
+        TeacherEngine(free, settings, api_key="sk-test").close()
 
 
 def test_unknown_model_on_a_paid_host_is_unknown_not_free_and_warns_once(

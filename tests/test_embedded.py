@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tasks import embedded
+from distillery.tasks import embedded
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_embedded_teacher_answers_structured_requests_and_stops() -> None:
 def test_embedded_teacher_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
     script = (
         "import sys, time\n"
-        "from tasks.embedded import EmbeddedTeacher\n"
+        "from distillery.tasks.embedded import EmbeddedTeacher\n"
         "server = EmbeddedTeacher()\n"
         "print(server.start(), flush=True)\n"
         "time.sleep(600)\n"
@@ -83,7 +83,7 @@ def test_a_dead_server_fails_the_request_at_once_with_the_cause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server that died (here: SIGILL, as a build for the wrong CPU does) is not retried."""
-    from tasks.teacher import ChatRequest, TeacherUnavailable, close_engine, get_engine
+    from distillery.tasks.teacher import ChatRequest, TeacherUnavailable, close_engine, get_engine
 
     monkeypatch.setenv("DISTILLERY_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("DISTILLERY_PROGRESS", "false")

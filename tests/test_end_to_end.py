@@ -39,7 +39,7 @@ def test_run_on_the_embedded_default_publishes_and_trains_a_student_that_reloads
         DISTILLERY_MODEL_CACHE=str(model_cache),
     )
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "flows.cli", "run", str(tiny_recipe(tmp_path))]
+    command = [sys.executable, "-m", "distillery.flows.cli", "run", str(tiny_recipe(tmp_path))]
     proc = subprocess.run(
         [*command, "--output", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fake_teacher import FakeTeacher, Knobs, chat_requests
-from tasks.expand import run_expansion, seed_inputs
-from tasks.recipe import load_recipe
-from tasks.teacher import (
+from distillery.tasks.expand import run_expansion, seed_inputs
+from distillery.tasks.recipe import load_recipe
+from distillery.tasks.teacher import (
     ChatRequest,
     EngineSettings,
     TeacherEndpoint,
@@ -53,6 +53,33 @@ def test_concurrency_is_bounded_and_every_answer_lands_in_the_cache(make_engine)
         assert stats.sent == 0 and stats.cached == 40
         assert [r.content for r in again] == [r.content for r in results]
         assert server.stats.received == 40
+
+
+def test_two_servers_on_one_host_with_one_model_alias_never_share_answers(make_engine) -> None:  # type: ignore[no-untyped-def]
+    # Two local servers (two ports) serving the same alias: each answers its own requests.
+    with FakeTeacher() as first, FakeTeacher() as second:
+        make_engine(first).complete(chat_requests(5), "t")
+        _, stats = make_engine(second).complete(chat_requests(5), "t")
+        assert stats.cached == 0 and second.stats.received == 5
+        # The same server again is answered from the cache.
+        _, again = make_engine(first).complete(chat_requests(5), "t")
+        assert again.cached == 5 and first.stats.received == 5
+
+
+def test_cache_identity_is_scheme_host_port_and_path_with_stable_names() -> None:
+    def key(**endpoint: object) -> str:
+        return chat_requests(1)[0].key(TeacherEndpoint(model="m", **endpoint))  # type: ignore[arg-type]
+
+    assert key(base_url="http://gw:4000/v1") != key(base_url="http://gw:4001/v1")
+    assert key(base_url="http://gw:4000/v1") != key(base_url="http://gw:4000/team-b/v1")
+    assert key(base_url="http://gw:4000/v1") != key(base_url="https://gw:4000/v1")
+    assert key(base_url="http://gw:4000/v1") == key(base_url="http://GW:4000/v1/")
+    assert key(base_url="http://gw/v1") == key(base_url="http://gw:80/v1")
+    # OpenAI's own API and the embedded teacher keep the names older caches were keyed on.
+    assert key(base_url=None) == key(base_url="https://api.openai.com/v1/")
+    assert TeacherEndpoint(model="m", base_url=None).identity == "api.openai.com"
+    embedded = TeacherEndpoint(model="m", base_url=None, embedded=True)
+    assert embedded.identity == "embedded"
 
 
 def test_identical_requests_in_one_call_are_sent_once(make_engine) -> None:  # type: ignore[no-untyped-def]
@@ -159,6 +186,19 @@ def test_expansion_stops_at_the_round_cap_and_says_how_far_it_got(
     assert result.shortfall is not None
     assert f"with {len(result.accepted)} of 50 new inputs accepted" in result.shortfall
     assert "max_rounds" in result.shortfall
+    # The advice points the right way: a higher threshold rejects less and keeps more.
+    assert "raise expansion.near_duplicate_threshold" in result.shortfall
+    assert "lower expansion.near_duplicate_threshold" not in result.shortfall
+    raised = recipe.model_copy(
+        update={"expansion": expansion.model_copy(update={"near_duplicate_threshold": 0.9})}
+    )
+    with FakeTeacher() as server:
+        endpoint = TeacherEndpoint(model="fake-teacher", base_url=server.url)
+        try:
+            kept = run_expansion(raised, endpoint, seed_inputs(raised), 50, 1)
+        finally:
+            close_engines()
+    assert len(kept.accepted) > len(result.accepted)
 
 
 def test_expansion_rows_carry_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +221,7 @@ def test_expansion_rows_carry_provenance(tmp_path: Path, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("status", [400, 500])
 def test_auto_structured_output_steps_down_to_json_object(make_engine, status: int) -> None:  # type: ignore[no-untyped-def]
-    from tasks.expand import expansion_schema
+    from distillery.tasks.expand import expansion_schema
 
     knobs = Knobs(reject_json_schema=True, reject_json_schema_status=status)
     req = ChatRequest(

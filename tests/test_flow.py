@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from fake_teacher import FakeTeacher
-from flows.distill import distill
-from tasks.record import RECORD_COLUMNS
-from tasks.teacher import TeacherError
-from tasks.validate import ValidationFailed
+from distillery.flows.distill import distill
+from distillery.tasks.record import RECORD_COLUMNS
+from distillery.tasks.teacher import TeacherError
+from distillery.tasks.validate import ValidationFailed
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
@@ -194,6 +194,18 @@ def test_text_form_teacher_is_parsed(workdir: Path, teacher: FakeTeacher) -> Non
     recipe = variant(workdir, teacher={"model": "m", "structured_output": "text"})
     summary = run(teacher, workdir / "out", examples=30, recipe=recipe)
     assert summary["published"]["total"] == 30
+    # The text form was asked for (no response_format at all) and its parser read the replies:
+    # the fake teacher writes `# USER CONTEXT n` / `# QUESTION n` blocks, and none of their
+    # markers reaches a stored input.
+    assert set(teacher.stats.received_by_form) == {"text"}, teacher.stats.received_by_form
+    folder, manifest = read_version(workdir / "out")
+    assert manifest["teacher"]["structured_output"] == "text"
+    assert manifest["counts"]["expansion"]["parsed"] >= 30 - manifest["counts"]["seeds"]
+    rows = pd.concat(pd.read_parquet(folder / f"{s}.parquet") for s in ("train", "validation"))
+    generated = rows[rows["source"] == "generated"]
+    assert len(generated) > 0
+    for column in ("user_context", "question"):
+        assert not generated[column].str.contains("#").any(), generated[column].tolist()
 
 
 @pytest.mark.parametrize("reply", ["prose", "malformed_json"])
@@ -276,7 +288,7 @@ def test_export_to_s3_and_read_back(workdir: Path, teacher: FakeTeacher, s3_endp
 def test_recipe_and_seeds_file_load_from_s3(s3_endpoint: str) -> None:
     import s3fs
 
-    from tasks.recipe import RecipeError, load_recipe
+    from distillery.tasks.recipe import RecipeError, load_recipe
 
     fs = s3fs.S3FileSystem()
     fs.mkdir("distillery-recipes")
@@ -302,7 +314,7 @@ def test_recipe_and_seeds_file_load_from_s3(s3_endpoint: str) -> None:
 def test_the_startup_objects_are_frozen_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
     import gc
 
-    from flows import distill as module
+    from distillery.flows import distill as module
 
     monkeypatch.setattr(module, "_startup_frozen", False)
     gc.unfreeze()

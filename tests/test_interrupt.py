@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fake_teacher import FakeTeacher, Knobs, chat_requests
-from tasks.teacher import (
+from distillery.tasks.teacher import (
     EngineSettings,
     TeacherEndpoint,
     TeacherEngine,

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from fake_teacher import FakeTeacher
-from flows.distill import distill
-from flows.notify import ENV_BLOCK, one_line
-from tasks.teacher import TeacherError
-from tasks.validate import ValidationFailed
+from distillery.flows.distill import distill
+from distillery.flows.notify import ENV_BLOCK, one_line
+from distillery.tasks.teacher import TeacherError
+from distillery.tasks.validate import ValidationFailed
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
@@ -136,7 +136,7 @@ def test_failure_before_any_task_fails_names_the_flow_and_env_block_is_used(
 def test_train_flow_failure_is_notified_through_the_env_block(
     workdir: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.train import TrainParams, train
+    from distillery.flows.train import TrainParams, train
 
     monkeypatch.setenv(ENV_BLOCK, save_webhook_block("notify-train", receiver.url))
     empty = workdir / "out" / "nothing-here"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.recipe import RecipeError, load_recipe
+from distillery.tasks.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def test_bad_dataset_name_is_rejected(tmp_path: Path) -> None:
 
 
 def test_target_below_the_seed_count_is_rejected_with_the_minimum(tmp_path: Path) -> None:
-    from tasks.recipe import target_size
+    from distillery.tasks.recipe import target_size
 
     path = str(write_recipe(tmp_path, examples=5))
     recipe = load_recipe(path)

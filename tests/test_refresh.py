@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from fake_teacher import FakeTeacher
-from flows.distill import distill
-from tasks.record import record_id
-from tasks.teacher import TeacherError
+from distillery.flows.distill import distill
+from distillery.tasks.record import record_id
+from distillery.tasks.teacher import TeacherError
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "stock-advisor.yaml"
@@ -221,7 +221,7 @@ def test_content_fingerprint_reads_the_masked_rows_in_id_order_chunk_by_chunk(
 ) -> None:
     import hashlib
 
-    from tasks import refresh
+    from distillery.tasks import refresh
 
     frame = _rows([f"{n * 7919 % 101:016x}" for n in range(23)])  # ids out of order
     accepted = frame[frame["status"] == "accepted"]

@@ -15,8 +15,8 @@ import yaml
 from fake_openai_jobs import FakeOpenAIJobs
 from fake_openai_jobs import Knobs as JobKnobs
 from fake_teacher import FakeTeacher
-from flows.distill import distill
-from flows.review import answer_review
+from distillery.flows.distill import distill
+from distillery.flows.review import answer_review
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-review-test"
@@ -147,7 +147,7 @@ def test_rejected_version_is_marked_and_not_trained(
     review = version_of(out, summary)["review"]
     assert review == {**review, "decision": "rejected", "comment": "answers ignore the user's age"}
     # `distillery train` refuses a rejected version too.
-    from tasks.train import resolve_version
+    from distillery.tasks.train import resolve_version
 
     with pytest.raises(ValueError, match="rejected in review"):
         resolve_version(summary["uri"])

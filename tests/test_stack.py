@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from fake_teacher import FakeTeacher, Knobs
-from flows.stack import STATE_FILE, Stack, group_members, read_state
+from distillery.flows.stack import STATE_FILE, Stack, group_members, read_state
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         "DISTILLERY_CACHE_DIR": str(tmp / "teacher-cache"),  # the run's own request cache
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # a triggered run is picked up at once
     }
-    distillery = [sys.executable, "-m", "flows.cli", "stack"]
+    distillery = [sys.executable, "-m", "distillery.flows.cli", "stack"]
     with FakeTeacher(Knobs(latency=0.0, slots=32)) as teacher:
         try:
             started = time.monotonic()
@@ -188,7 +188,9 @@ def test_adhoc_run_from_the_cli_completes_on_the_stack_with_its_artifacts(
     assert nightly.parameters["output"] == "./out"  # DISTILLERY_OUTPUT, as the stack deployed it
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) >= ARTIFACTS, sorted(k for k in by_key if k)
-    assert "30" in str(by_key["dataset-summary"].data)
+    # The summary's publish row: 30 rows in all (not any "30", which a timestamp can hold).
+    assert re.search(r"\| publish \| rows \(train / validation\) \| 30 \(\d+ / \d+\) \|",
+                     str(by_key["dataset-summary"].data)), by_key["dataset-summary"].data  # fmt: skip
 
 
 def test_second_adhoc_run_with_nothing_changed_sends_no_teacher_request(

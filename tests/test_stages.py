@@ -10,9 +10,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import export
-from tasks.answer import build_answer_messages, judge_answer
-from tasks.expand import (
+from distillery.tasks import export
+from distillery.tasks.answer import build_answer_messages, judge_answer
+from distillery.tasks.expand import (
     NearDuplicateIndex,
     build_expansion_request,
     clean_field,
@@ -21,10 +21,10 @@ from tasks.expand import (
     parse_examples,
     render_examples,
 )
-from tasks.export import assign_split, publish
-from tasks.recipe import AnswerSettings, ValidationSettings, load_recipe
-from tasks.record import record_id
-from tasks.teacher import ChatResult, RateLimiter, TeacherEndpoint, parse_reset, retry_after
+from distillery.tasks.export import assign_split, publish
+from distillery.tasks.recipe import AnswerSettings, ValidationSettings, load_recipe
+from distillery.tasks.record import record_id
+from distillery.tasks.teacher import ChatResult, RateLimiter, TeacherEndpoint, parse_reset, retry_after
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = ValidationSettings()

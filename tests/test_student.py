@@ -1,4 +1,4 @@
-"""The student trainer (`python -m tasks.student`): input errors, and a real two-step training."""
+"""The student trainer (`python -m distillery.tasks.student`): input errors, and a real two-step training."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.student import EXIT_BAD_INPUT, main
+from distillery.tasks.student import EXIT_BAD_INPUT, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def test_student_trains_measures_and_saves_a_loadable_model(tmp_path: Path, mode
     validation = write_jsonl(tmp_path / "validation.jsonl", rows(2, offset=8))
     out = tmp_path / "out"
     command = [
-        *(sys.executable, "-m", "tasks.student"),
+        *(sys.executable, "-m", "distillery.tasks.student"),
         *("--train", str(train), "--validation", str(validation), "--output", str(out)),
         *("--max-steps", "2", "--batch-size", "4", "--max-length", "128", "--samples", "1"),
     ]

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from fake_openai_jobs import FakeOpenAIJobs, Knobs
-from flows.train import TrainParams, train
-from tasks.recipe import TrainingSettings
-from tasks.train import resolve_version, run_training
+from distillery.flows.train import TrainParams, train
+from distillery.tasks.recipe import TrainingSettings
+from distillery.tasks.train import resolve_version, run_training
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "20260101T000000Z-abcdef12"
@@ -79,7 +79,7 @@ def test_cli_train_with_a_bad_version_submits_nothing(tmp_path: Path) -> None:
     with FakeOpenAIJobs() as jobs:
         env = {**os.environ, "OPENAI_API_KEY": "test-key"}
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "train", str(tmp_path / "missing")],
+            [sys.executable, "-m", "distillery.flows.cli", "train", str(tmp_path / "missing")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert jobs.stats.total == 0
@@ -148,7 +148,7 @@ def test_prefect_backend_runs_the_training_deployment_and_records_its_run(
         }
         log = (workdir / "serve.log").open("wb")  # the served run's log, for a failure
         server = subprocess.Popen(
-            [sys.executable, "-c", "from flows.train import train; train.serve(name='training')"],
+            [sys.executable, "-c", "from distillery.flows.train import train; train.serve(name='training')"],
             cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:

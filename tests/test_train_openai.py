@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from fake_openai_jobs import FakeOpenAIJobs, Knobs, spawn
-from tasks.train_openai import RECORD, train_openai
+from distillery.tasks.train_openai import RECORD, train_openai
 
 DATASET, VERSION, MODEL = "stock-advisor", "20261128T021500Z-1a2b3c4d", "gpt-4o-mini-2024-07-18"
 KEY = "test-key"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fake_teacher import FakeTeacher
-from flows.distill import distill
+from distillery.flows.distill import distill
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "stock-advisor.yaml"

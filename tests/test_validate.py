@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from expectations import worker
-from tasks.recipe import ValidationSettings
-from tasks.record import RECORD_COLUMNS, record_id
-from tasks.validate import (
+from distillery.expectations import worker
+from distillery.tasks.recipe import ValidationSettings
+from distillery.tasks.record import RECORD_COLUMNS, record_id
+from distillery.tasks.validate import (
     ValidationFailed,
     ValidationReport,
     ValidationWorkerDied,
@@ -119,7 +119,7 @@ CONTRACT = sorted(
 
 
 def test_markdown_lists_every_expectation_of_the_suites(tmp_path: Path) -> None:
-    from expectations.suite import build_suites
+    from distillery.expectations.suite import build_suites
 
     report = run_suite(make_rows(12), SETTINGS, 10, tmp_path)
     markdown = report.to_markdown()
@@ -293,9 +293,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from expectations import worker
-from tasks.recipe import ValidationSettings
-from tasks.validate import validate_dataset  # noqa: F401 - the flow's module, Prefect and all
+from distillery.expectations import worker
+from distillery.tasks.recipe import ValidationSettings
+from distillery.tasks.validate import validate_dataset  # noqa: F401 - the flow's module, Prefect and all
 
 if __name__ == "__main__":
     tmp = Path(sys.argv[1])
@@ -423,7 +423,7 @@ def test_a_worker_that_dies_twice_fails_with_a_clear_error_and_the_next_run_work
 def test_the_worker_does_not_outlive_its_parent(ending: str) -> None:
     script = (
         "import sys, time\n"
-        "from expectations import worker\n"
+        "from distillery.expectations import worker\n"
         "print(worker.worker_info()['pid'], flush=True)  # warm and idle, waiting for a call\n"
         "if sys.argv[1] == 'SIGKILL':\n"
         "    time.sleep(600)\n"
@@ -443,7 +443,7 @@ def test_a_run_that_ends_before_validation_does_not_wait_for_the_gx_import() -> 
     """A flow run that stops early (bad recipe, Ctrl-C) exits while the worker still imports."""
     script = (
         "import time\n"
-        "from expectations import worker\n"
+        "from distillery.expectations import worker\n"
         "worker.preload()\n"
         "print(time.time(), flush=True)\n"
     )
