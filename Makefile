@@ -48,7 +48,7 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy flows tasks expectations
+	$(BIN)/mypy -p distillery.flows -p distillery.tasks -p distillery.expectations
 	$(BIN)/pytest
 
 # The UI test (tests/test_stack.py) drives Debian's chromium headless: installed here when

@@ -6,20 +6,12 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-# Ephemeral Prefect (no server configured) starts its own API; on 2 busy cores that can take
-# longer than Prefect's 20 s default, and telemetry cannot reach its host offline.
-_PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "distillery",
-    # The engine's drain after Ctrl-C logs once the flow run is gone: not a reason to warn.
-    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-}
+from distillery.flows.prefect_env import PREFECT_DEFAULTS
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -123,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for key, value in _PREFECT_DEFAULTS.items():
+    for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # Per-call teacher summaries (requests, cached, sent, retries) reach the terminal and the UI.
     logging.getLogger("distillery").setLevel(logging.INFO)
@@ -144,6 +136,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _start_ephemeral_api() -> None:
+    """Without a Prefect server configured, start Prefect's ephemeral API now, deaf to Ctrl-C.
+
+    A terminal's Ctrl-C reaches the whole foreground process group, and Prefect starts its
+    ephemeral API server as a plain child in that group: the same Ctrl-C stopped it, and the run
+    then retried the lost server for about a minute instead of stopping within the drain grace.
+    A child inherits its parent's signal mask across exec, and neither Python nor uvicorn unblock
+    SIGINT, so the server started here with SIGINT blocked never sees a Ctrl-C meant for the run;
+    Prefect still stops it at exit (SIGTERM). A Ctrl-C pressed meanwhile is delivered to this
+    process as soon as the mask is restored.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with get_client(sync_client=True) as client:  # starts the server, once per process
+            client.api_healthcheck()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from distillery.tasks.embedded import MODEL_NAME, EmbeddedSettings, serve
 
@@ -158,6 +174,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         resolve_version(args.version)  # a bad version costs nothing and submits nothing
+        _start_ephemeral_api()
         outcome = train(TrainParams(version=args.version, backend=args.backend))
     except (FileNotFoundError, ValueError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -294,6 +311,7 @@ def _run(args: argparse.Namespace) -> int:
             "OPENAI_API_KEY is set); a small model, for trying distillery out."
         )
     try:
+        _start_ephemeral_api()
         summary = distill(**dataclasses.asdict(params))
     except TeacherError as exc:
         print(f"error: {exc}", file=sys.stderr)

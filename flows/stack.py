@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distillery.flows.cli import _PREFECT_DEFAULTS
+from distillery.flows.prefect_env import PREFECT_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HOME = REPO / ".stack"
@@ -131,7 +131,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def _child_env(home: Path, api_url: str) -> dict[str, str]:
-    env = {**_PREFECT_DEFAULTS, **os.environ}
+    env = {**PREFECT_DEFAULTS, **os.environ}
     # The stack's own server and settings, never those of a server the shell points at.
     for key in ("PREFECT_API_KEY", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
         env.pop(key, None)

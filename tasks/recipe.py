@@ -8,6 +8,7 @@ import io
 import json
 import posixpath
 import string
+from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
@@ -254,6 +255,10 @@ def target_size(recipe: Recipe, uri: str, examples: int | None) -> int:
     return target
 
 
+# The shipped recipes: recipes/ in a checkout, distillery/recipes/ in an installed wheel.
+BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
 def load_recipe(uri: str) -> Recipe:
     """Read a recipe from a local path or fsspec URI; raise RecipeError naming what to fix."""
     raw = _read_text(uri, what="recipe")
@@ -283,7 +288,14 @@ def _read_text(uri: str, what: str) -> str:
         with fsspec.open(uri, "r", encoding="utf-8") as f:
             return str(f.read())
     except FileNotFoundError:
-        raise RecipeError(f"{uri}: {what} file not found; check the path or URI.") from None
+        hint = ""
+        if what == "recipe" and BUNDLED_RECIPES.is_dir():
+            names = ", ".join(sorted(p.name for p in BUNDLED_RECIPES.glob("*.yaml")))
+            hint = (
+                f" The recipes that come with distillery are in {BUNDLED_RECIPES} ({names}): "
+                "pass one of them, or copy one and edit it."
+            )
+        raise RecipeError(f"{uri}: {what} file not found; check the path or URI.{hint}") from None
     except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
         raise RecipeError(f"{uri}: cannot read the {what} file ({exc}).") from None
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs, chat_requests
 from distillery.tasks.teacher import (
     EngineSettings,
     TeacherEndpoint,
     TeacherEngine,
     TeacherInterrupted,
 )
+from fake_teacher import FakeTeacher, Knobs, chat_requests
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")
@@ -165,9 +165,7 @@ def test_ctrl_c_half_way_exits_promptly_and_the_rerun_resends_no_answered_reques
             assert first.poll() is None, first.communicate()[0]
             time.sleep(0.05)
         assert teacher.stats.answered >= 130, "the first run never got half-way"
-        # The CLI process alone, as `kill -INT`. (A terminal's Ctrl-C reaches its whole group,
-        # which in ephemeral mode includes Prefect's own server: Prefect then retries the lost
-        # server for about a minute before the CLI gets control back.)
+        # The CLI process alone, as `kill -INT` (a terminal's Ctrl-C to the whole group: below).
         os.kill(first.pid, signal.SIGINT)
         interrupted = time.monotonic()
         output = finish(first, GRACE_S + 60)
@@ -193,3 +191,50 @@ def test_ctrl_c_half_way_exits_promptly_and_the_rerun_resends_no_answered_reques
         output = finish(third, 600)
         assert third.returncode == 0, output
         assert teacher.stats.received == after_second.received
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_whole_group_in_ephemeral_mode_exits_130_within_the_grace(
+    tmp_path: Path,
+) -> None:
+    # As a terminal's Ctrl-C: SIGINT to the foreground process group, which in ephemeral mode (no
+    # PREFECT_API_URL) also holds the API server that Prefect starts for the run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
+        DISTILLERY_CONCURRENCY=str(CONCURRENCY),
+        DISTILLERY_DRAIN_GRACE_S=str(GRACE_S),
+    )
+    out = tmp_path / "out"
+    args = ["run", RECIPE, "--examples", "200", "--output", str(out), "--no-train"]
+    with FakeTeacher(Knobs(latency=0.5, slots=CONCURRENCY)) as teacher:
+        args += ["--teacher-base-url", teacher.url, "--teacher-model", "fake-teacher"]
+        run = distillery(args, env)  # its own session: the group leader, as a shell job is
+        deadline = time.monotonic() + 300
+        while teacher.stats.answered < 60 and time.monotonic() < deadline:
+            assert run.poll() is None, run.communicate()[0]
+            time.sleep(0.05)
+        assert teacher.stats.answered >= 60, "the run never reached the teacher stages"
+        os.killpg(run.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        output = finish(run, GRACE_S + 90)
+        elapsed = time.monotonic() - interrupted
+        assert run.returncode == 130, output[-3000:]
+        assert elapsed < GRACE_S + 8, f"took {elapsed:.1f} s to stop:\n{output[-3000:]}"
+        assert "interrupted: stopped" in output
+        assert teacher.stats.received == teacher.stats.answered
+        assert not (out / "stock-advisor" / "LATEST").exists()
+        # Nothing of the run is left behind: the API server went with it.
+        deadline = time.monotonic() + 10
+        while group_alive(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_alive(run.pid), "a process of the run's group outlived it"
