@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     for action in stack_sub.choices.values():
         action.add_argument(
             "--home",
-            help="state folder: pids, logs, PREFECT_HOME (default: .stack in the checkout)",
+            help="state folder: pids, logs, PREFECT_HOME (default: .stack in the checkout, or "
+            "in the current folder for an installed package)",
         )
     return parser
 

@@ -21,7 +21,9 @@ from pathlib import Path
 from distillery.flows.prefect_env import PREFECT_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_HOME = REPO / ".stack"
+# In a checkout, .stack beside the code; from an installed wheel (REPO is then
+# site-packages/distillery, no place for state), .stack in the current folder.
+DEFAULT_HOME = (REPO if (REPO / "pyproject.toml").exists() else Path.cwd()) / ".stack"
 DEFAULT_PORT = 4200
 PREFECT_FILE = "deployments/prefect.yaml"
 # The pools deployments/prefect.yaml names: process pools here (production's training pool is
