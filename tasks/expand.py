@@ -18,7 +18,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from distillery.tasks.dedup import NearDuplicateIndex, example_text
 from distillery.tasks.recipe import Recipe, ValidationSettings
-from distillery.tasks.record import TEMPLATE_LEAK_PATTERN, normalise_text, record_id
+from distillery.tasks.record import INPUT_COLUMNS, TEMPLATE_LEAK_PATTERN, normalise_text, record_id
 from distillery.tasks.teacher import (
     CallStats,
     ChatRequest,
@@ -39,16 +39,6 @@ EXPANSION_PRIORITY = -1
 
 # on_accepted(start, rows): accepted inputs, as rows of INPUT_COLUMNS, from position `start`.
 Feed = Callable[[int, list[dict[str, Any]]], None]
-
-INPUT_COLUMNS = [
-    "id",
-    "user_context",
-    "question",
-    "source",
-    "seed_ids",
-    "max_similarity",
-    "expansion_request_id",
-]
 
 
 def expansion_schema(n: int) -> dict[str, Any]:
