@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from distillery.tasks.recipe import ValidationSettings
-from distillery.tasks.record import RECORD_COLUMNS
+from distillery.tasks.record import RECORD_COLUMNS, RECORD_SCHEMA
 
 # The columns the suites read: all the worker is sent of the candidate frame.
 CHECKED_COLUMNS: list[str] = [*RECORD_COLUMNS, "status"]
 # Columns of lists that the suites only check for nulls: the worker is sent a stand-in with the
 # same nulls (messages alone was 64 of 171 MiB pickled at 100,000 rows, and slowest to pickle).
-NULL_CHECKED_LISTS = ("messages", "seed_ids")
+NULL_CHECKED_LISTS = tuple(f.name for f in RECORD_SCHEMA if pa.types.is_list(f.type))
 PRESENT = "(present; not sent to the validation worker)"
 
 

@@ -30,7 +30,7 @@ from distillery.flows.review import review_gate
 from distillery.tasks import embedded
 from distillery.tasks.answer import AnswerResult, answer_inputs
 from distillery.tasks.cost import price_for
-from distillery.tasks.expand import INPUT_COLUMNS, ExpansionResult, expand_inputs
+from distillery.tasks.expand import ExpansionResult, expand_inputs
 from distillery.tasks.export import (
     PublishedVersion,
     assemble_candidates,
@@ -41,6 +41,7 @@ from distillery.tasks.export import (
 )
 from distillery.tasks.memory import release_freed_memory
 from distillery.tasks.recipe import Recipe, load_recipe, target_size
+from distillery.tasks.record import INPUT_COLUMNS
 from distillery.tasks.refresh import (
     Previous,
     RefreshPlan,

@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from distillery.tasks.recipe import EXPLAINED_SUFFIX, AnswerSettings, Recipe, ValidationSettings
-from distillery.tasks.record import TEMPLATE_LEAK_PATTERN
+from distillery.tasks.record import ANSWER_COLUMNS, TEMPLATE_LEAK_PATTERN, VERDICT_COLUMNS
 from distillery.tasks.teacher import (
     CallStats,
     ChatRequest,
@@ -24,19 +24,6 @@ from distillery.tasks.teacher import (
 
 # Bump when message building or judging changes, so Prefect's cache of this stage turns over.
 ANSWER_VERSION = "1"
-
-ANSWER_COLUMNS = [
-    "answer",
-    "messages",
-    "teacher_model",
-    "answer_request_id",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "status",
-    "reason",
-    "detail",
-]
 
 _REFUSAL = re.compile(
     r"^\s*(?:I'?m sorry|I am sorry|I apologi[sz]e|I can(?:no|')t (?:help|assist|provide)|"
@@ -93,7 +80,7 @@ def judge_answer(result: ChatResult, limits: ValidationSettings) -> tuple[str, s
 
 @dataclass
 class AnswerResult:
-    rows: pd.DataFrame  # the inputs with ANSWER_COLUMNS added; status "accepted" | "rejected"
+    rows: pd.DataFrame  # the inputs with ANSWER_COLUMNS and VERDICT_COLUMNS added
     stats: CallStats = field(default_factory=CallStats)
     rejects: Counter[str] = field(default_factory=Counter)
 
@@ -131,7 +118,7 @@ def run_answers(
                 "detail": verdict[1] if verdict else None,
             }
         )
-    answered = pd.DataFrame(out, columns=ANSWER_COLUMNS, index=inputs.index)
+    answered = pd.DataFrame(out, columns=[*ANSWER_COLUMNS, *VERDICT_COLUMNS], index=inputs.index)
     return AnswerResult(rows=pd.concat([inputs, answered], axis=1), stats=stats, rejects=rejects)
 
 

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from distillery.tasks.dedup import NearDuplicateIndex, example_text
 from distillery.tasks.recipe import Recipe, ValidationSettings
-from distillery.tasks.record import TEMPLATE_LEAK_PATTERN, normalise_text, record_id
+from distillery.tasks.record import INPUT_COLUMNS, TEMPLATE_LEAK_PATTERN, normalise_text, record_id
 from distillery.tasks.teacher import (
     CallStats,
     ChatRequest,
@@ -39,16 +39,6 @@ EXPANSION_PRIORITY = -1
 
 # on_accepted(start, rows): accepted inputs, as rows of INPUT_COLUMNS, from position `start`.
 Feed = Callable[[int, list[dict[str, Any]]], None]
-
-INPUT_COLUMNS = [
-    "id",
-    "user_context",
-    "question",
-    "source",
-    "seed_ids",
-    "max_similarity",
-    "expansion_request_id",
-]
 
 
 def expansion_schema(n: int) -> dict[str, Any]:
@@ -140,111 +130,6 @@ def parse_examples(content: str) -> list[tuple[str, str]]:
     return found
 
 
-_MERSENNE = (1 << 61) - 1
-_SHIFT = np.uint64(32)
-_BASE = np.uint64(0x100000001B3)  # the FNV prime, the polynomial base of a k-gram's hash
-
-
-def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
-    """32-bit hashes of the character k-grams of the normalised, case-folded text."""
-    text = normalise_text(text).casefold()
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    n = max(1, len(codes) - k + 1)
-    h = np.zeros(n, dtype=np.uint64)
-    for j in range(min(k, len(codes))):
-        h = h * _BASE + codes[j : j + n]
-    # splitmix64's finaliser: every bit of the k-gram reaches the 32 bits kept
-    h ^= h >> np.uint64(30)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(27)
-    h *= np.uint64(0x94D049BB133111EB)
-    h ^= h >> np.uint64(31)
-    return h >> _SHIFT
-
-
-def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """Bands and rows a band that minimise the false positive + false negative probability mass
-    around `threshold` (datasketch's MinHashLSH choice, equal weights)."""
-    best, best_error = (1, num_perm), math.inf
-    below, above = np.linspace(0.0, threshold, 201), np.linspace(threshold, 1.0, 201)
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            false_positive = float(np.trapezoid(1 - (1 - below**r) ** b, below))
-            false_negative = float(np.trapezoid((1 - above**r) ** b, above))
-            if false_positive + false_negative < best_error:
-                best, best_error = (b, r), false_positive + false_negative
-    return best
-
-
-class NearDuplicateIndex:
-    """MinHash LSH over character 5-grams of context + question; reports the highest similarity.
-
-    Signatures live in one uint32 array and each band table maps a 64-bit key of its band to row
-    numbers: an indexed row costs about 1.2 KB (datasketch's MinHash objects: 4 KB), and a
-    signature takes a few numpy operations (~0.1 ms a row; datasketch: 0.6 ms).
-    """
-
-    NUM_PERM = 64
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        rng = np.random.RandomState(1)
-        full = np.iinfo(np.uint64).max
-        self._a = (rng.randint(0, full, self.NUM_PERM, dtype=np.uint64) | np.uint64(1))[:, None]
-        self._b = rng.randint(0, full, self.NUM_PERM, dtype=np.uint64)[:, None]
-        self.bands, self.rows = lsh_bands(threshold, self.NUM_PERM)
-        self._mix = rng.randint(1, _MERSENNE, self.rows, dtype=np.uint64)
-        self._signatures = np.empty((1024, self.NUM_PERM), dtype=np.uint32)
-        self._size = 0
-        self._keys: set[str] = set()
-        self._tables: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
-
-    def minhash(self, text: str) -> np.ndarray:
-        """The text's MinHash signature: NUM_PERM uint32 values."""
-        hashes = shingle_hashes(text)
-        # Multiply-add-shift (Dietzfelbinger), a strongly universal hash of 32-bit values, per
-        # permutation; a repeated k-gram changes no minimum.
-        permuted = (self._a * hashes + self._b) >> _SHIFT
-        signature: np.ndarray = permuted.min(axis=1).astype(np.uint32)
-        return signature
-
-    def _band_keys(self, signature: np.ndarray) -> list[int]:
-        used = signature[: self.bands * self.rows].reshape(self.bands, self.rows)
-        keys: list[int] = (used.astype(np.uint64) * self._mix).sum(axis=1).tolist()
-        return keys
-
-    def check(self, text: str) -> tuple[float, np.ndarray]:
-        """Max estimated Jaccard similarity to an indexed row (0.0 when none is close)."""
-        signature = self.minhash(text)
-        candidates: set[int] = set()
-        for table, key in zip(self._tables, self._band_keys(signature), strict=True):
-            found = table.get(key)
-            if isinstance(found, int):
-                candidates.add(found)
-            elif found is not None:
-                candidates.update(found)
-        if not candidates:
-            return 0.0, signature
-        rows = self._signatures[np.fromiter(candidates, dtype=np.intp, count=len(candidates))]
-        return float((rows == signature).mean(axis=1).max()), signature
-
-    def add(self, key: str, signature: np.ndarray) -> None:
-        if key in self._keys:
-            return
-        self._keys.add(key)
-        if self._size == len(self._signatures):
-            self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
-        row = self._size
-        self._signatures[row] = signature
-        self._size += 1
-        for table, key_ in zip(self._tables, self._band_keys(signature), strict=True):
-            found = table.setdefault(key_, row)
-            if isinstance(found, list):
-                found.append(row)
-            elif found != row:
-                table[key_] = [found, row]
-
-
 def _length_problem(text: str, bounds: tuple[int, int]) -> str | None:
     if len(text) < bounds[0]:
         return f"shorter than {bounds[0]} characters"
@@ -328,7 +213,7 @@ def run_expansion(
         existing["id"], existing["user_context"], existing["question"], strict=True
     ):
         known.add(rid)
-        index.add(rid, index.minhash(f"{ctx}\n{q}"))
+        index.add(rid, index.minhash(example_text(ctx, q)))
     result = ExpansionResult(accepted=pd.DataFrame(columns=INPUT_COLUMNS), rejected=pd.DataFrame())
     accepted: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -390,7 +275,7 @@ def run_expansion(
                             "same normalised context and question as an earlier row",
                         )
                     if verdict is None:
-                        similarity, mh = index.check(f"{ctx}\n{q}")
+                        similarity, mh = index.check(example_text(ctx, q))
                         row["max_similarity"] = round(similarity, 4)
                         if similarity >= cfg.near_duplicate_threshold:
                             verdict = ("near_duplicate", f"MinHash similarity {similarity:.2f}")

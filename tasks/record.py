@@ -9,29 +9,38 @@ import pyarrow as pa
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
+# Who fills a column of the in-memory row: expansion (or a seed), the answer call, or assembly.
+_INPUT, _ANSWER, _ASSEMBLY = "input", "answer", "assembly"
+
 # Every published row has every one of these columns filled (the GX suite checks it).
-RECORD_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("user_context", pa.string(), nullable=False),
-        pa.field("question", pa.string(), nullable=False),
-        pa.field("answer", pa.string(), nullable=False),
-        pa.field("messages", pa.list_(_MESSAGE), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # "seed" | "generated"
-        pa.field("seed_ids", pa.list_(pa.string()), nullable=False),
-        pa.field("max_similarity", pa.float64(), nullable=False),
-        pa.field("teacher_model", pa.string(), nullable=False),
-        pa.field("expansion_request_id", pa.string(), nullable=False),  # "" for seeds
-        pa.field("answer_request_id", pa.string(), nullable=False),
-        pa.field("finish_reason", pa.string(), nullable=False),
-        pa.field("prompt_tokens", pa.int64(), nullable=False),
-        pa.field("completion_tokens", pa.int64(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),  # "train" | "validation"
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
-)
+_COLUMNS = [
+    (pa.field("id", pa.string(), nullable=False), _INPUT),
+    (pa.field("user_context", pa.string(), nullable=False), _INPUT),
+    (pa.field("question", pa.string(), nullable=False), _INPUT),
+    (pa.field("answer", pa.string(), nullable=False), _ANSWER),
+    (pa.field("messages", pa.list_(_MESSAGE), nullable=False), _ANSWER),
+    (pa.field("source", pa.string(), nullable=False), _INPUT),  # "seed" | "generated"
+    (pa.field("seed_ids", pa.list_(pa.string()), nullable=False), _INPUT),
+    (pa.field("max_similarity", pa.float64(), nullable=False), _INPUT),
+    (pa.field("teacher_model", pa.string(), nullable=False), _ANSWER),
+    (pa.field("expansion_request_id", pa.string(), nullable=False), _INPUT),  # "" for seeds
+    (pa.field("answer_request_id", pa.string(), nullable=False), _ANSWER),
+    (pa.field("finish_reason", pa.string(), nullable=False), _ANSWER),
+    (pa.field("prompt_tokens", pa.int64(), nullable=False), _ANSWER),
+    (pa.field("completion_tokens", pa.int64(), nullable=False), _ANSWER),
+    (pa.field("split", pa.string(), nullable=False), _ASSEMBLY),  # "train" | "validation"
+    (pa.field("run_id", pa.string(), nullable=False), _ASSEMBLY),
+    (pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False), _ASSEMBLY),
+]
+RECORD_SCHEMA = pa.schema([f for f, _ in _COLUMNS])
 RECORD_COLUMNS: list[str] = RECORD_SCHEMA.names
+# An input to answer, as expansion (or a seed) makes it.
+INPUT_COLUMNS = [f.name for f, stage in _COLUMNS if stage == _INPUT]
+# What the answer call adds to an input.
+ANSWER_COLUMNS = [f.name for f, stage in _COLUMNS if stage == _ANSWER]
+# The answer stage's verdict, beside the record in the candidate frame: status "accepted" |
+# "rejected", and for a rejected row the reason and detail.
+VERDICT_COLUMNS = ["status", "reason", "detail"]
 
 # Text columns the suite bounds in length and checks for prompt-template leakage.
 TEXT_COLUMNS = ("user_context", "question", "answer")

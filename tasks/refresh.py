@@ -28,10 +28,10 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from distillery.tasks.expand import INPUT_COLUMNS, seed_inputs
+from distillery.tasks.expand import seed_inputs
 from distillery.tasks.export import read_text
 from distillery.tasks.recipe import Recipe
-from distillery.tasks.record import RECORD_COLUMNS
+from distillery.tasks.record import INPUT_COLUMNS, RECORD_COLUMNS
 from distillery.tasks.teacher import TeacherEndpoint
 
 logger = logging.getLogger("distillery.refresh")

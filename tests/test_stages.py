@@ -1,4 +1,4 @@
-"""The pure parts of the stages: prompt building, reply parsing, judging, dedup, split, headers."""
+"""The pure parts of the stages: prompt building, reply parsing, judging, split, headers."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import pytest
 from distillery.tasks import export
 from distillery.tasks.answer import build_answer_messages, judge_answer
 from distillery.tasks.expand import (
-    NearDuplicateIndex,
     build_expansion_request,
     clean_field,
     expansion_schema,
-    lsh_bands,
     parse_examples,
     render_examples,
 )
@@ -95,40 +93,6 @@ def test_clean_field_strips_numbering_and_leaked_markers() -> None:
 def test_record_id_ignores_case_and_white_space() -> None:
     assert record_id("I am  30", "Buy?") == record_id("i am 30 ", " buy?")
     assert record_id("I am 30", "Buy?") != record_id("I am 31", "Buy?")
-
-
-def test_near_duplicate_index_flags_rewordings_not_new_examples() -> None:
-    index = NearDuplicateIndex(0.7)
-    base = "I am 30, a nurse saving $500 a month.\nShould I buy an S&P 500 index fund?"
-    index.add("a", index.minhash(base))
-    close, _ = index.check(base.replace("$500", "$550"))
-    far, _ = index.check("I am 70 and retired in Spain.\nAre government bonds safe now?")
-    assert close >= 0.7
-    assert far < 0.3
-
-
-def test_near_duplicate_index_finds_early_and_late_rows_of_a_large_index() -> None:
-    index = NearDuplicateIndex(0.7)
-    texts = [
-        f"I am {20 + i % 50}, row {i}, saving ${100 * i} a month in fund {i * 7919 % 10007}.\n"
-        f"Question {i}: should I move {i % 97}% of it into bonds before {1990 + i % 40}?"
-        for i in range(3000)  # past the signature array's first growth (1024 rows)
-    ]
-    for i, text in enumerate(texts):
-        index.add(str(i), index.minhash(text))
-    index.add("0", index.minhash("a different text under a key already indexed"))
-    for i in (3, 2999):
-        close, _ = index.check(texts[i].replace("bonds", "bond"))
-        assert close >= 0.7
-    far, _ = index.check("Retired teacher in Lisbon.\nIs a money market fund safe this year?")
-    assert far < 0.3
-
-
-def test_lsh_bands_are_datasketch_s_choice() -> None:
-    # datasketch.lsh._optimal_param(threshold, 64, 0.5, 0.5) for these thresholds
-    assert lsh_bands(0.5, 64) == (14, 4)
-    assert lsh_bands(0.7, 64) == (8, 8)
-    assert lsh_bands(0.9, 64) == (3, 21)
 
 
 def test_answer_messages_render_the_recipe_prompt_and_explained_style() -> None:
