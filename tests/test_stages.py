@@ -202,13 +202,18 @@ def test_rate_limiter_learns_limits_from_headers_and_keeps_a_lower_configured_ca
     assert limiter.tpm == 90000
 
 
-def test_cache_key_depends_on_host_model_and_sampling_not_on_port_or_wire_form() -> None:
+def test_cache_key_depends_on_server_and_model_not_on_the_wire_form() -> None:
     recipe = load_recipe(str(REPO / "recipes" / "stock-advisor.yaml"))
     req = build_expansion_request(recipe, [("a", "b")], 3)
     a = TeacherEndpoint(model="m", base_url="http://127.0.0.1:8000/v1", structured_output="auto")
     b = TeacherEndpoint(
-        model="m", base_url="http://127.0.0.1:9000/v1", structured_output="json_object"
+        model="m", base_url="http://127.0.0.1:8000/v1", structured_output="json_object"
     )
     c = TeacherEndpoint(model="other", base_url="http://127.0.0.1:8000/v1")
+    d = TeacherEndpoint(model="m", base_url="http://127.0.0.1:9000/v1")
     assert req.key(a) == req.key(b)
     assert req.key(a) != req.key(c)
+    assert req.key(a) != req.key(d)  # another server on the same host
+    # The embedded teacher's key names it, never its port (which changes from run to run).
+    embedded = TeacherEndpoint(model="m", base_url=None, embedded=True)
+    assert req.key(embedded) != req.key(a) and embedded.identity == "embedded"
