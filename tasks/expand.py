@@ -85,7 +85,9 @@ _TEXT_FORM = re.compile(
 )
 _LEADING_NOISE = re.compile(
     r"^\s*(?:#+\s*(?:user\s+context|question)\s*\d*\s*:?|(?:user\s+context|question)\s*\d*\s*:|"
-    r"\d+\s*[.)]|[-*])\s*",
+    # Numbering ("1.", "2)") and bullets ("-", "*") only when white space follows: "2.5% of my
+    # salary", "1.5 million" and "-20%" are numbers, not formatting.
+    r"\d{1,3}[.)](?=\s)|[-*](?=\s))\s*",
     re.IGNORECASE,
 )
 

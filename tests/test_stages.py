@@ -88,6 +88,14 @@ def test_clean_field_strips_numbering_and_leaked_markers() -> None:
     assert clean_field('  "Should I sell?"  ') == "Should I sell?"
     assert clean_field("Question: Should I\n sell?") == "Should I sell?"
     assert clean_field("401(k) or IRA?") == "401(k) or IRA?"
+    assert clean_field("2) - I am 30") == "I am 30"
+
+
+@pytest.mark.parametrize(
+    "text", ["2.5% of my salary goes to an ETF", "1.5 million in bonds", "-20% since March", "3)x"]
+)
+def test_clean_field_keeps_numbers_as_written(text: str) -> None:
+    assert clean_field(text) == text
 
 
 def test_record_id_ignores_case_and_white_space() -> None:
