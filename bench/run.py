@@ -51,7 +51,7 @@ import openai
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import distillery.tasks.batch  # noqa: E402
+import distillery.tasks.teacher.batch  # noqa: E402
 from fake_openai_batches import FakeOpenAIBatches  # noqa: E402
 from fake_openai_batches import Knobs as BatchKnobs  # noqa: E402
 from fake_teacher import gen_question, gen_user_context, spawn  # noqa: E402
@@ -618,7 +618,7 @@ def bench_batch(n: int) -> Section:
     )  # fmt: skip
     reqs = requests_for(n, "batch")
     # The API's 50,000 requests a file, scaled down so that N=2000 spans three files.
-    distillery.tasks.batch.MAX_REQUESTS = 800
+    distillery.tasks.teacher.batch.MAX_REQUESTS = 800
     with FakeOpenAIBatches(knobs) as server, tempfile.TemporaryDirectory() as cache:
         config = EngineSettings(
             cache_dir=Path(cache), progress=False, batch=True,
