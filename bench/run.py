@@ -52,9 +52,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import distillery.tasks.teacher.batch  # noqa: E402
-from fake_openai_batches import FakeOpenAIBatches  # noqa: E402
-from fake_openai_batches import Knobs as BatchKnobs  # noqa: E402
-from fake_teacher import gen_question, gen_user_context, spawn  # noqa: E402
 from distillery.tasks.cost import Price  # noqa: E402
 from distillery.tasks.teacher import (  # noqa: E402
     CallStats,
@@ -63,6 +60,9 @@ from distillery.tasks.teacher import (  # noqa: E402
     TeacherEndpoint,
     TeacherEngine,
 )
+from fake_openai_batches import FakeOpenAIBatches  # noqa: E402
+from fake_openai_batches import Knobs as BatchKnobs  # noqa: E402
+from fake_teacher import gen_question, gen_user_context, spawn  # noqa: E402
 
 DISTILLERY = str(Path(sys.executable).parent / "distillery")
 RECIPE = REPO / "recipes" / "stock-advisor.yaml"

@@ -15,7 +15,12 @@ from prefect.cache_policies import NO_CACHE
 # The report types and the suite runner live in Prefect-free modules, which the Great
 # Expectations worker process imports; they are re-exported here, where the flow finds them.
 from distillery.expectations.runner import ExpectationOutcome, ValidationReport, run_suite
-from distillery.expectations.worker import ValidationWorkerDied, docs_in_worker, preload, run_in_worker
+from distillery.expectations.worker import (
+    ValidationWorkerDied,
+    docs_in_worker,
+    preload,
+    run_in_worker,
+)
 from distillery.tasks.export import folder_uri, upload_folder
 from distillery.tasks.recipe import ValidationSettings
 

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from distillery.tasks.teacher import (
+    ConcurrencyLimit,
+    EngineSettings,
+    TeacherEndpoint,
+    TeacherEngine,
+)
 from fake_teacher import FakeTeacher, Knobs, chat_requests
-from distillery.tasks.teacher import ConcurrencyLimit, EngineSettings, TeacherEndpoint, TeacherEngine
 
 
 def simulate(limit: ConcurrencyLimit, slots: int, service: float, answers: int) -> list[int]:

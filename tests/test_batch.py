@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 
 import distillery.tasks.teacher.batch
-from fake_openai_batches import FakeOpenAIBatches, Knobs
-from fake_teacher import FakeTeacher, chat_requests
 from distillery.tasks.cost import Price
 from distillery.tasks.expand import expansion_schema
 from distillery.tasks.teacher import (
@@ -30,6 +28,8 @@ from distillery.tasks.teacher import (
     TeacherUnavailable,
     retry_worthwhile,
 )
+from fake_openai_batches import FakeOpenAIBatches, Knobs
+from fake_teacher import FakeTeacher, chat_requests
 
 KEY = "test-key"
 MODEL = "gpt-4o-mini"

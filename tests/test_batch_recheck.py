@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from fake_openai_batches import FakeOpenAIBatches, Knobs
 from distillery.flows.distill import distill
 from distillery.tasks.teacher import close_engines
+from fake_openai_batches import FakeOpenAIBatches, Knobs
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs, chat_requests
 from distillery.tasks.cost import FREE, Price, price_for
 from distillery.tasks.teacher import (
     BudgetExceeded,
@@ -21,6 +20,7 @@ from distillery.tasks.teacher import (
     TeacherUnavailable,
     retry_worthwhile,
 )
+from fake_teacher import FakeTeacher, Knobs, chat_requests
 
 # Round numbers so expected costs are easy to read: $1 per 1M input, $2 per 1M output tokens.
 PRICE = Price(input_usd_per_1m=1.0, output_usd_per_1m=2.0)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs, chat_requests
 from distillery.tasks.expand import run_expansion, seed_inputs
 from distillery.tasks.recipe import load_recipe
 from distillery.tasks.teacher import (
@@ -21,6 +20,7 @@ from distillery.tasks.teacher import (
     TeacherUnavailable,
     close_engines,
 )
+from fake_teacher import FakeTeacher, Knobs, chat_requests
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-engine-test-key-7f3a"

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from fake_teacher import FakeTeacher
 from distillery.flows.distill import distill
 from distillery.tasks.record import RECORD_COLUMNS
 from distillery.tasks.teacher import TeacherError
 from distillery.tasks.validate import ValidationFailed
+from fake_teacher import FakeTeacher
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")

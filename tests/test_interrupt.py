@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs, chat_requests
 from distillery.tasks.teacher import (
     EngineSettings,
     TeacherEndpoint,
     TeacherEngine,
     TeacherInterrupted,
 )
+from fake_teacher import FakeTeacher, Knobs, chat_requests
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")

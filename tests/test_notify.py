@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from fake_teacher import FakeTeacher
 from distillery.flows.distill import distill
 from distillery.flows.notify import ENV_BLOCK, one_line
 from distillery.tasks.teacher import TeacherError
 from distillery.tasks.validate import ValidationFailed
+from fake_teacher import FakeTeacher
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "stock-advisor.yaml")

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from fake_teacher import FakeTeacher
 from distillery.flows.distill import distill
 from distillery.tasks.record import record_id
 from distillery.tasks.teacher import TeacherError
+from fake_teacher import FakeTeacher
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "stock-advisor.yaml"

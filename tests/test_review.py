@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
+from distillery.flows.distill import distill
+from distillery.flows.review import answer_review
 from fake_openai_jobs import FakeOpenAIJobs
 from fake_openai_jobs import Knobs as JobKnobs
 from fake_teacher import FakeTeacher
-from distillery.flows.distill import distill
-from distillery.flows.review import answer_review
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-review-test"

@@ -24,8 +24,8 @@ from uuid import UUID
 import aiohttp
 import pytest
 
-from fake_teacher import FakeTeacher, Knobs
 from distillery.flows.stack import STATE_FILE, Stack, group_members, read_state
+from fake_teacher import FakeTeacher, Knobs
 
 pytestmark = pytest.mark.slow
 
@@ -189,8 +189,9 @@ def test_adhoc_run_from_the_cli_completes_on_the_stack_with_its_artifacts(
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) >= ARTIFACTS, sorted(k for k in by_key if k)
     # The summary's publish row: 30 rows in all (not any "30", which a timestamp can hold).
-    assert re.search(r"\| publish \| rows \(train / validation\) \| 30 \(\d+ / \d+\) \|",
-                     str(by_key["dataset-summary"].data)), by_key["dataset-summary"].data  # fmt: skip
+    summary = str(by_key["dataset-summary"].data)
+    publish = r"\| publish \| rows \(train / validation\) \| 30 \(\d+ / \d+\) \|"
+    assert re.search(publish, summary), summary
 
 
 def test_second_adhoc_run_with_nothing_changed_sends_no_teacher_request(

@@ -24,7 +24,13 @@ from distillery.tasks.expand import (
 from distillery.tasks.export import assign_split, publish
 from distillery.tasks.recipe import AnswerSettings, ValidationSettings, load_recipe
 from distillery.tasks.record import record_id
-from distillery.tasks.teacher import ChatResult, RateLimiter, TeacherEndpoint, parse_reset, retry_after
+from distillery.tasks.teacher import (
+    ChatResult,
+    RateLimiter,
+    TeacherEndpoint,
+    parse_reset,
+    retry_after,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = ValidationSettings()

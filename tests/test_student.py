@@ -1,4 +1,4 @@
-"""The student trainer (`python -m distillery.tasks.student`): input errors, and a real two-step training."""
+"""The student trainer (tasks/student.py): input errors, and a real two-step training."""
 
 from __future__ import annotations
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from fake_openai_jobs import FakeOpenAIJobs, Knobs
 from distillery.flows.train import TrainParams, train
 from distillery.tasks.recipe import TrainingSettings
 from distillery.tasks.train import resolve_version, run_training
+from fake_openai_jobs import FakeOpenAIJobs, Knobs
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "20260101T000000Z-abcdef12"
@@ -148,7 +148,8 @@ def test_prefect_backend_runs_the_training_deployment_and_records_its_run(
         }
         log = (workdir / "serve.log").open("wb")  # the served run's log, for a failure
         server = subprocess.Popen(
-            [sys.executable, "-c", "from distillery.flows.train import train; train.serve(name='training')"],
+            [sys.executable, "-c",
+             "from distillery.flows.train import train; train.serve(name='training')"],
             cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:

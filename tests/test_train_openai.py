@@ -10,8 +10,8 @@ from typing import Any
 import openai
 import pytest
 
-from fake_openai_jobs import FakeOpenAIJobs, Knobs, spawn
 from distillery.tasks.train_openai import RECORD, train_openai
+from fake_openai_jobs import FakeOpenAIJobs, Knobs, spawn
 
 DATASET, VERSION, MODEL = "stock-advisor", "20261128T021500Z-1a2b3c4d", "gpt-4o-mini-2024-07-18"
 KEY = "test-key"

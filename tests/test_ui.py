@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fake_teacher import FakeTeacher
 from distillery.flows.distill import distill
+from fake_teacher import FakeTeacher
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "stock-advisor.yaml"

@@ -295,7 +295,8 @@ import pandas as pd
 
 from distillery.expectations import worker
 from distillery.tasks.recipe import ValidationSettings
-from distillery.tasks.validate import validate_dataset  # noqa: F401 - the flow's module, Prefect and all
+# The flow's module, Prefect and all.
+from distillery.tasks.validate import validate_dataset  # noqa: F401
 
 if __name__ == "__main__":
     tmp = Path(sys.argv[1])
