@@ -51,7 +51,7 @@ import openai
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import distillery.tasks.batch  # noqa: E402
+import distillery.tasks.teacher.batch  # noqa: E402
 from distillery.tasks.cost import Price  # noqa: E402
 from distillery.tasks.teacher import (  # noqa: E402
     CallStats,
@@ -618,7 +618,7 @@ def bench_batch(n: int) -> Section:
     )  # fmt: skip
     reqs = requests_for(n, "batch")
     # The API's 50,000 requests a file, scaled down so that N=2000 spans three files.
-    distillery.tasks.batch.MAX_REQUESTS = 800
+    distillery.tasks.teacher.batch.MAX_REQUESTS = 800
     with FakeOpenAIBatches(knobs) as server, tempfile.TemporaryDirectory() as cache:
         config = EngineSettings(
             cache_dir=Path(cache), progress=False, batch=True,

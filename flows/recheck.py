@@ -1,7 +1,7 @@
 """Batch mode without a busy worker: the run ends while its batches run, a re-check run follows.
 
 With DISTILLERY_BATCH_HOLD_S set, a teacher call whose batches are still running after that long
-raises BatchesPending (tasks/batch.py). The distill flow then publishes nothing, shows the
+raises BatchesPending (tasks/teacher/batch.py). The distill flow then publishes nothing, shows the
 batches' progress (`batch-progress` artifact), schedules a run of its own deployment with the
 same parameters for when another look is worth it, and ends Completed (state name
 AwaitingBatches), so the worker is free. The re-check run finds the batches recorded in the

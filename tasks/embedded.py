@@ -22,7 +22,14 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from distillery.tasks.teacher import TeacherEndpoint, TeacherError, TeacherUnavailable, close_engine
+from distillery.tasks.teacher import (
+    TeacherEndpoint,
+    TeacherError,
+    TeacherUnavailable,
+    close_engine,
+    register_embedded,
+    unregister_embedded,
+)
 
 logger = logging.getLogger("distillery.embedded")
 
@@ -191,6 +198,7 @@ def embedded_teacher() -> Iterator[str]:
                 server.stop()
                 raise
             _running = server
+            register_embedded(server.url, server.failure)  # where the engine finds it
         _users += 1
         url = _running.url
     try:
@@ -203,6 +211,7 @@ def embedded_teacher() -> Iterator[str]:
                 close_engine(endpoint())
                 _running.stop()
                 _running = None
+                unregister_embedded()
 
 
 def running_url() -> str:
@@ -213,12 +222,6 @@ def running_url() -> str:
             "`with embedded_teacher():` (the distill flow does), or pass a teacher endpoint."
         )
     return _running.url
-
-
-def server_failure() -> str | None:
-    """Why the embedded teacher this process started has died, or None (running or not ours)."""
-    server = _running
-    return server.failure() if server is not None else None
 
 
 def _watch_parent(parent: int) -> None:

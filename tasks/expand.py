@@ -34,7 +34,7 @@ logger = logging.getLogger("distillery.expand")
 EXPANSION_VERSION = "3"
 
 # Expansion requests take a free slot before answer requests queued earlier: their replies are
-# the inputs that keep the answer stage busy (tasks.teacher._Slots).
+# the inputs that keep the answer stage busy (tasks.teacher.pacing.Slots).
 EXPANSION_PRIORITY = -1
 
 # on_accepted(start, rows): accepted inputs, as rows of INPUT_COLUMNS, from position `start`.

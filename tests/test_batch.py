@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import distillery.tasks.batch
+import distillery.tasks.teacher.batch
 from distillery.tasks.cost import Price
 from distillery.tasks.expand import expansion_schema
 from distillery.tasks.teacher import (
@@ -251,10 +251,10 @@ def test_requests_are_split_into_files_at_the_api_limits(
 ) -> None:
     engine = make_engine(server)
     if limit == "requests":
-        monkeypatch.setattr(distillery.tasks.batch, "MAX_REQUESTS", 4)
+        monkeypatch.setattr(distillery.tasks.teacher.batch, "MAX_REQUESTS", 4)
     else:
         line = len(engine._batches._line("k" * 64, chat_requests(1)[0]))  # type: ignore[union-attr]
-        monkeypatch.setattr(distillery.tasks.batch, "MAX_BYTES", 4 * line + 3)
+        monkeypatch.setattr(distillery.tasks.teacher.batch, "MAX_BYTES", 4 * line + 3)
 
     results, stats = engine.complete(chat_requests(10), "answers")
 

@@ -190,9 +190,8 @@ def test_adhoc_run_from_the_cli_completes_on_the_stack_with_its_artifacts(
     assert set(by_key) >= ARTIFACTS, sorted(k for k in by_key if k)
     # The summary's publish row: 30 rows in all (not any "30", which a timestamp can hold).
     summary = str(by_key["dataset-summary"].data)
-    assert re.search(
-        r"\| publish \| rows \(train / validation\) \| 30 \(\d+ / \d+\) \|", summary
-    ), summary
+    publish = r"\| publish \| rows \(train / validation\) \| 30 \(\d+ / \d+\) \|"
+    assert re.search(publish, summary), summary
 
 
 def test_second_adhoc_run_with_nothing_changed_sends_no_teacher_request(

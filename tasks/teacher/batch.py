@@ -12,25 +12,23 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import openai
 from openai.types import Batch
 
-from distillery.tasks.teacher import (
+from distillery.tasks.teacher.base import (
     BatchesPending,
+    Call,
     ChatRequest,
     ChatResult,
+    EngineSettings,
+    TeacherEndpoint,
     TeacherError,
     TeacherUnavailable,
-    _completion,
-    _describe_refusal,
-    _result_from_body,
-    _Run,
 )
-
-if TYPE_CHECKING:
-    from distillery.tasks.teacher import TeacherEngine
+from distillery.tasks.teacher.cache import RequestCache
+from distillery.tasks.teacher.replies import chat_completion, describe_refusal, result_from_body
 
 logger = logging.getLogger("distillery.batch")
 
@@ -170,10 +168,39 @@ class BatchLedger:
         self._db.close()
 
 
+class Engine(Protocol):
+    """What the sender uses of the engine (TeacherEngine): its public interface for batch mode."""
+
+    endpoint: TeacherEndpoint
+    settings: EngineSettings
+    cache: RequestCache
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def sdk_client(self) -> openai.AsyncOpenAI: ...
+
+    def wire(self, req: ChatRequest) -> dict[str, Any]: ...
+
+    def estimate(self, req: ChatRequest, batch: bool = False) -> float: ...
+
+    def may_send(self, run: Call, estimate: float) -> None: ...
+
+    def count(self, run: Call, **deltas: float | None) -> None: ...
+
+    def charge(
+        self, run: Call, req: ChatRequest, usage: tuple[int, int] | None, batch: bool = False
+    ) -> None: ...
+
+    def advance(self, run: Call, answers: int = 1) -> None: ...
+
+    def hold(self, task: asyncio.Task[Any], estimate: float) -> None: ...
+
+
 class BatchSender:
     """Answers a `complete` call's uncached requests through the Batch API, into the cache."""
 
-    def __init__(self, engine: TeacherEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.ledger = BatchLedger(engine.cache.path)
         self._client = engine.sdk_client().with_options(max_retries=API_RETRIES)
@@ -185,7 +212,7 @@ class BatchSender:
         self._running: dict[str, Batch] = {}  # batch id -> the batch at its last look (progress)
 
     async def complete(
-        self, todo: dict[str, ChatRequest], run: _Run, done: dict[str, ChatResult]
+        self, todo: dict[str, ChatRequest], run: Call, done: dict[str, ChatResult]
     ) -> None:
         """Answer `todo` (key -> request) into the cache and `done`, resubmitting what failed.
 
@@ -204,7 +231,7 @@ class BatchSender:
                 break  # rows submitted `rounds` times (in this run or earlier ones): give up
             tasks, own = started
             finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            if engine._stopping:
+            if engine.stopping:
                 return  # the batches stay recorded: the next run re-attaches
             failed = [t for t in finished if not t.cancelled() and t.exception() is not None]
             if failed:
@@ -248,7 +275,7 @@ class BatchSender:
         )
 
     def _start(
-        self, pending: dict[str, ChatRequest], run: _Run, deadline: float | None
+        self, pending: dict[str, ChatRequest], run: Call, deadline: float | None
     ) -> tuple[list[asyncio.Task[Batch]], list[asyncio.Task[Batch]]] | None:
         """Tasks that answer `pending`: in hand, recorded (re-attached), or new; and the new.
 
@@ -286,10 +313,10 @@ class BatchSender:
             own.append(self._spawn(chunk, None, 0.0, deadline))
         for part in split(lines, MAX_REQUESTS, MAX_BYTES):
             keys = [k for k, _ in part]
-            estimate = sum(engine._estimate(pending[k], batch=True) for k in keys)
-            engine._may_send(run, estimate)  # stopping, or the spending cap
+            estimate = sum(engine.estimate(pending[k], batch=True) for k in keys)
+            engine.may_send(run, estimate)  # stopping, or the spending cap
             # A row submitted before (in this run or an earlier one) is a retry.
-            engine._count(run, sent=len(keys), retries=sum(1 for k in keys if k in tries))
+            engine.count(run, sent=len(keys), retries=sum(1 for k in keys if k in tries))
             chunk = Chunk(chunk_id(keys), keys, time.time())
             self.ledger.add(chunk)
             self.ledger.tried(keys)
@@ -297,21 +324,17 @@ class BatchSender:
         return tasks + own, own
 
     def _line(self, key: str, req: ChatRequest) -> bytes:
-        row = {"custom_id": key, "method": "POST", "url": ENDPOINT, "body": self.engine._wire(req)}
+        row = {"custom_id": key, "method": "POST", "url": ENDPOINT, "body": self.engine.wire(req)}
         return json.dumps(row).encode() + b"\n"
 
     def _spawn(
         self, chunk: Chunk, data: bytes | None, estimate: float, deadline: float | None
     ) -> asyncio.Task[Batch]:
-        engine = self.engine
-        engine._in_flight_usd += estimate
         task = asyncio.create_task(self._run_chunk(chunk, data, deadline))
         self._in_hand[chunk.id] = (frozenset(chunk.keys), task)
-        engine._tasks.add(task)  # stop() cancels it; the batch itself stays recorded
+        self.engine.hold(task, estimate)  # stop() cancels it; the batch itself stays recorded
 
         def gone(task: asyncio.Task[Batch]) -> None:
-            engine._tasks.discard(task)
-            engine._in_flight_usd -= estimate
             self._in_hand.pop(chunk.id, None)
 
         task.add_done_callback(gone)
@@ -334,7 +357,7 @@ class BatchSender:
                     f"({exc.status_code}: {str(exc.message)[:200]}); submitted batches are "
                     "recorded: run the same command again once it recovers."
                 ) from None
-            raise TeacherError(_describe_refusal(exc, self.engine.endpoint)) from None
+            raise TeacherError(describe_refusal(exc, self.engine.endpoint)) from None
         except openai.APIConnectionError as exc:
             raise TeacherUnavailable(
                 f"the Batch API at {host} could not be reached after {API_RETRIES + 1} tries "
@@ -443,8 +466,8 @@ class BatchSender:
         key = str(row.get("custom_id"))
         response = row.get("response") or {}
         if response.get("status_code") == 200:
-            body = _completion(response["body"])
-            self.engine.cache.put(key, _result_from_body(body, response.get("request_id")))
+            body = chat_completion(response["body"])
+            self.engine.cache.put(key, result_from_body(body, response.get("request_id")))
             self._why.pop(key, None)
             return key
         error = row.get("error") or (response.get("body") or {}).get("error") or {}
@@ -480,7 +503,7 @@ class BatchSender:
         self,
         landed: dict[str, ChatResult],
         pending: dict[str, ChatRequest],
-        run: _Run,
+        run: Call,
         done: dict[str, ChatResult],
     ) -> None:
         """Count the answers a round brought (at the batch price) and hand them to the call."""
@@ -488,9 +511,9 @@ class BatchSender:
         for key, result in landed.items():
             done[key] = result
             usage = (result.prompt_tokens, result.completion_tokens)
-            engine._charge(run, pending[key], usage, batch=True)
-        if run.active and landed:
-            engine._progress.advance(run.task_id, len(landed))
+            engine.charge(run, pending[key], usage, batch=True)
+        if landed:
+            engine.advance(run, len(landed))
 
     def counts(self) -> tuple[int, int, int] | None:
         """(batches, requests answered, requests) of the batches being waited for; None: none.
