@@ -324,6 +324,8 @@ def test_the_startup_objects_are_frozen_once_per_process(monkeypatch: pytest.Mon
         assert frozen > 10_000  # the imported modules' objects, out of the full collections' scans
         run_objects = [[n] for n in range(1000)]  # what a run creates stays collectable:
         module._freeze_startup_objects()  # a second flow run in the process freezes nothing
-        assert gc.get_freeze_count() == frozen, len(run_objects)
+        # Not "==": a frozen object that dies (another thread's garbage) leaves the permanent
+        # generation, so the count can fall; freezing again would add the 1,000 lists above.
+        assert gc.get_freeze_count() <= frozen, len(run_objects)
     finally:
         gc.unfreeze()
