@@ -15,7 +15,6 @@ within a fraction of a second of its start.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -234,15 +233,12 @@ def _start_worker() -> None:
 
 
 def _import_great_expectations() -> None:
-    """Import GX at the lowest CPU priority, this thread only (Linux): it runs while the teacher
-    stages do, and the flow process should not lose a moment of CPU to it (bench item 1b, two
-    A/B runs of 4 and 6 repeats each: the teacher stages took 1.085 -> 1.063 and 1.106 -> 1.072
-    times the bare client's time, medians). The suites run on the worker's main thread, at the
-    normal priority; a call that comes before the import is done (a very short run) waits for
-    it, which takes longer only while other processes keep both cores busy."""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    """Import GX while the teacher stages run, so that validation finds it imported; a call that
+    comes before the import is done (a very short run) waits for it.
+
+    It used to run at the lowest CPU priority; two A/B pairs of bench item 1b (5 repeats each)
+    put that within the noise (flow / bare client 1.16 and 1.13 with it, 1.11 and 1.11
+    without; bench/README.md), so it went."""
     try:
         import great_expectations  # noqa: F401
 

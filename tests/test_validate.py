@@ -324,7 +324,7 @@ def test_the_suite_runs_in_the_worker_and_gx_is_never_imported_by_the_caller(
     assert seen["worker"]["pid"] != seen["pid"]
     assert seen["worker"]["great_expectations"] is True
     assert seen["worker"]["prefect"] is False
-    assert seen["worker"]["nice"] == seen["nice"]  # only the import runs at the lowest priority
+    assert seen["worker"]["nice"] == seen["nice"]  # the calls run at the flow's priority
     assert seen["gx_here"] is False
     (failure,) = seen["report"]["failed"]
     assert failure["expectation"] == "expect_column_value_lengths_to_be_between"

@@ -140,10 +140,8 @@ class TeacherEngine:
         )
         self._limiter = RateLimiter(settings.rpm, settings.tpm)
         self._loop = _LoopThread()
-        # Made on the loop while the caller goes on (about 0.1 s: the CA bundle is loaded even
-        # for http://); the first request waits for it (_client_now).
-        self._client_made = self._loop.submit(self._make_client())
-        self._client: openai.AsyncOpenAI | None = None
+        # Made on the loop (its aiohttp session belongs there).
+        self._client = self._loop.submit(self._make_client()).result()
         self._concurrency = ConcurrencyLimit(settings.concurrency, settings.adaptive_concurrency)
         self._slots = Slots(settings.concurrency)
         self._lag = 0.0  # how late the loop runs a timer (peak-held): the client's own delay
@@ -193,12 +191,7 @@ class TeacherEngine:
                 self._progress.remove_task(task)
 
     def sdk_client(self) -> openai.AsyncOpenAI:
-        """The SDK client, once made (waits for it; never call it on the engine's loop)."""
-        return self._client_made.result()
-
-    async def _client_now(self) -> openai.AsyncOpenAI:
-        if self._client is None:
-            self._client = await asyncio.wrap_future(self._client_made)
+        """The SDK client (its aiohttp session runs on the engine's loop)."""
         return self._client
 
     async def _make_client(self) -> openai.AsyncOpenAI:
@@ -558,8 +551,7 @@ class TeacherEngine:
                     # (its documented form for raw requests): chat.completions.create would walk
                     # the TypedDict annotations of every message (~0.9 ms a request) and build a
                     # typed ChatCompletion (~0.4 ms), on the engine's one thread (py-spy, 1b).
-                    client = self._client or await self._client_now()
-                    raw = await client.post(
+                    raw = await self._client.post(
                         "/chat/completions", cast_to=httpx2.Response, body=self.wire(req)
                     )
                     if timing[0] and timing[1]:
@@ -675,7 +667,7 @@ class TeacherEngine:
         await asyncio.gather(*tasks, return_exceptions=True)
         while self._runs:  # calls in progress raise as soon as they wake: let them, then close
             await asyncio.sleep(0.01)
-        await (await self._client_now()).close()
+        await self._client.close()
         if in_flight:
             logger.warning(
                 "teacher at %s stopped: %d answers in flight were cached, %d abandoned after the "
