@@ -161,14 +161,16 @@ def test_a_deployment_run_schedules_its_recheck_run_which_publishes(
 
 
 def test_the_cli_says_when_to_run_again_and_exits_75(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], prefect_api: str
 ) -> None:
+    # prefect_api: the session's Prefect server, so that main() starts no ephemeral one here.
     import distillery.flows.distill
-    from distillery.flows.cli import _PREFECT_DEFAULTS, EXIT_WAITING, main
+    from distillery.flows.cli import EXIT_WAITING, main
+    from distillery.flows.prefect_env import PREFECT_DEFAULTS
 
     note = "waiting for batches: 2 batches of the Batch API running (3 of 10 requests answered)"
     # main() sets these in the environment: through monkeypatch, so that they are undone.
-    for name, value in {**_PREFECT_DEFAULTS, "DISTILLERY_BATCH": "1"}.items():
+    for name, value in {**PREFECT_DEFAULTS, "DISTILLERY_BATCH": "1"}.items():
         monkeypatch.setenv(name, os.environ.get(name, value))
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setattr(
