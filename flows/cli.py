@@ -35,7 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher-model", help="teacher model (overrides the recipe)")
     run.add_argument(
         "--teacher-base-url",
-        help="OpenAI-compatible endpoint (default: recipe, then OPENAI_BASE_URL, then OpenAI)",
+        help="OpenAI-compatible endpoint, or 'embedded' (default: recipe, then OPENAI_BASE_URL, "
+        "then OpenAI if OPENAI_API_KEY is set, else the embedded teacher)",
+    )
+    run.add_argument(
+        "--teacher-gguf",
+        metavar="PATH",
+        help="local GGUF file for the embedded teacher to serve instead of the shipped SmolLM2 "
+        "(a bigger teacher than the student); overrides the recipe's teacher.gguf",
     )
     run.add_argument(
         "--no-train", action="store_true", help="publish the dataset only; train no student"
@@ -89,10 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("teacher", help="the embedded teacher")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True)
     serve = teacher_sub.add_parser(
-        "serve", help="serve the embedded SmolLM2 teacher (OpenAI-compatible) until Ctrl-C"
+        "serve", help="serve the embedded teacher (OpenAI-compatible) until Ctrl-C"
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument(
+        "--gguf", metavar="PATH", help="GGUF file to serve (default: the shipped SmolLM2)"
+    )
 
     stack = sub.add_parser("stack", help="a local Prefect stack on 127.0.0.1 (flows/stack.py)")
     stack_sub = stack.add_subparsers(dest="stack_command", required=True)
@@ -162,10 +172,18 @@ def _start_ephemeral_api() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from distillery.tasks.embedded import MODEL_NAME, EmbeddedSettings, serve
+    from distillery.tasks.embedded import EmbeddedSettings, gguf_file, serve
+    from distillery.tasks.teacher import TeacherError
 
-    print(f"serving {MODEL_NAME} on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)")
-    serve(args.host, args.port, None, EmbeddedSettings())
+    try:
+        gguf = gguf_file(args.gguf, "--gguf")
+    except TeacherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(
+        f"serving {gguf.model} ({gguf.path}) on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)"
+    )
+    serve(args.host, args.port, None, EmbeddedSettings(), gguf.path, gguf.model)
     return 0
 
 
@@ -281,6 +299,7 @@ def _run(args: argparse.Namespace) -> int:
         output=args.output,
         teacher_model=args.teacher_model,
         teacher_base_url=args.teacher_base_url,
+        teacher_gguf=args.teacher_gguf,
         train=not args.no_train,
         train_backend=args.train_backend,
         refresh=not args.from_scratch,
@@ -306,7 +325,12 @@ def _run(args: argparse.Namespace) -> int:
     except (TeacherError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if endpoint.embedded:
+    if endpoint.gguf_sha256 is not None:
+        print(
+            f"teacher: {endpoint.model} (GGUF, sha256 {endpoint.gguf_sha256[:16]}) on the "
+            "embedded llama.cpp server on 127.0.0.1."
+        )
+    elif endpoint.embedded:
         print(
             "teacher: the embedded SmolLM2-135M-Instruct on 127.0.0.1 (no teacher endpoint or "
             "OPENAI_API_KEY is set); a small model, for trying distillery out."

@@ -83,6 +83,7 @@ class DistillParams:
     output: str = "./out"
     teacher_model: str | None = None
     teacher_base_url: str | None = None
+    teacher_gguf: str | None = None
     answer_batch_size: int = 500
     train: bool = True
     train_backend: TrainBackend | None = None
@@ -92,7 +93,11 @@ class DistillParams:
 
 
 def resolve_endpoint(recipe: Recipe, params: DistillParams) -> TeacherEndpoint:
-    """Flag, then recipe, then OPENAI_BASE_URL, then OpenAI (if a key is set), else embedded."""
+    """A GGUF file (flag or recipe) chooses the embedded teacher; else the base URL: flag, then
+    recipe, then OPENAI_BASE_URL, then OpenAI (if a key is set), else embedded."""
+    gguf = teacher_gguf(recipe, params)
+    if gguf is not None:
+        return embedded.endpoint(gguf)
     base_url = (
         params.teacher_base_url or recipe.teacher.base_url or os.environ.get("OPENAI_BASE_URL")
     )
@@ -114,9 +119,27 @@ def resolve_endpoint(recipe: Recipe, params: DistillParams) -> TeacherEndpoint:
     return endpoint
 
 
-def teacher_session(endpoint: TeacherEndpoint) -> AbstractContextManager[object]:
-    """The embedded teacher's server for the teacher stages, if that is the teacher."""
-    return embedded.embedded_teacher() if endpoint.embedded else nullcontext()
+def teacher_gguf(recipe: Recipe, params: DistillParams) -> embedded.Gguf | None:
+    """The GGUF file given to the embedded teacher, checked: the flag's, else the recipe's
+    (unless the flag names another endpoint); None: none given (the shipped file, if embedded)."""
+    if params.teacher_gguf is not None:
+        if params.teacher_base_url not in (None, EMBEDDED):
+            raise TeacherError(
+                f"--teacher-gguf {params.teacher_gguf} is served by the embedded teacher, but "
+                f"--teacher-base-url is {params.teacher_base_url}: pass --teacher-base-url "
+                "embedded (or leave it out), or drop --teacher-gguf to use that endpoint."
+            )
+        return embedded.gguf_file(params.teacher_gguf, "--teacher-gguf (parameter teacher_gguf)")
+    if recipe.teacher.gguf is not None and params.teacher_base_url in (None, EMBEDDED):
+        return embedded.gguf_file(recipe.teacher.gguf, "the recipe's teacher.gguf")
+    return None
+
+
+def teacher_session(
+    endpoint: TeacherEndpoint, gguf: embedded.Gguf | None
+) -> AbstractContextManager[object]:
+    """The embedded teacher's server on `gguf` for the teacher stages, if that is the teacher."""
+    return embedded.embedded_teacher(gguf) if endpoint.embedded else nullcontext()
 
 
 @task(name="load-recipe", task_run_name="load-recipe", cache_policy=NO_CACHE)
@@ -335,9 +358,10 @@ def build_manifest(
     run_id: str,
     target: int,
     fingerprint: str,
+    gguf: embedded.Gguf | None = None,
 ) -> dict[str, Any]:
     """Everything a reader of a version needs to know about how it was made; `fingerprint`: the
-    accepted rows' content_fingerprint."""
+    accepted rows' content_fingerprint; `gguf`: the embedded teacher's file (None: shipped)."""
     # Masks, not copies of the rows (each of the two was most of the frame).
     kept = candidates["status"] == "accepted"
     new = candidates["run_id"] == run_id
@@ -353,7 +377,7 @@ def build_manifest(
             "model": endpoint.model,
             "host": endpoint.host,
             "structured_output": generation.structured_form,
-            **({"gguf": embedded.GGUF_FILE} if endpoint.embedded else {}),
+            **((gguf or embedded.gguf_file()).manifest() if endpoint.embedded else {}),
         },
         "answer_fingerprint": plan.answer_fingerprint,
         "content_fingerprint": fingerprint,
@@ -427,6 +451,16 @@ def distill(
             )
         ),
     ] = None,
+    teacher_gguf: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Local GGUF file for the embedded teacher to serve instead of the shipped "
+                "SmolLM2 (a bigger teacher than the student); chooses the embedded teacher, "
+                "refused with any other teacher_base_url; default: the recipe's teacher.gguf."
+            )
+        ),
+    ] = None,
     answer_batch_size: Annotated[
         int, Field(ge=1, description="Inputs per answer task (the unit Prefect caches, retries).")
     ] = 500,
@@ -470,6 +504,7 @@ def distill(
         output=output,
         teacher_model=teacher_model,
         teacher_base_url=teacher_base_url,
+        teacher_gguf=teacher_gguf,
         answer_batch_size=answer_batch_size,
         train=train,
         train_backend=train_backend,
@@ -506,6 +541,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     preload_great_expectations()  # its import overlaps the teacher stages (bench item 1b)
     log = get_run_logger()
     recipe = load_recipe_task(params.recipe)
+    gguf = teacher_gguf(recipe, params)
     endpoint = resolve_endpoint(recipe, params)
     target = target_size(recipe, params.recipe, params.examples)
     run_id = str(flow_run.get_id() or "local")
@@ -516,7 +552,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
             "refreshing %s: %d rows kept, %d inputs to answer, goal %d rows",
             previous.uri, len(plan.kept), len(plan.to_answer), plan.goal,
         )  # fmt: skip
-    session = teacher_session(endpoint) if teacher_needed(plan) else nullcontext()
+    session = teacher_session(endpoint, gguf) if teacher_needed(plan) else nullcontext()
     with session:
         generation = generate(recipe, endpoint, plan, params.answer_batch_size)
     release_freed_memory()  # what the teacher stages freed, before the GX worker takes its share
@@ -537,8 +573,9 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     # already, so the manifest and the summary link them before they are there.
     docs = publish_data_docs.submit(params.output, recipe.name, run_id)
     manifest = build_manifest(
-        recipe, params, endpoint, plan, generation, candidates, report, run_id, target, fingerprint
-    )
+        recipe, params, endpoint, plan, generation, candidates, report, run_id, target,
+        fingerprint, gguf,
+    )  # fmt: skip
     timings = {"teacher": generation.seconds, "validate": report.seconds}
     if previous is not None and manifest["content_fingerprint"] == _fingerprint_of(previous):
         log.info(

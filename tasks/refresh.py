@@ -74,13 +74,16 @@ def read_latest(output: str, dataset: str) -> Previous | None:
 
 
 def answer_fingerprint(recipe: Recipe, endpoint: TeacherEndpoint) -> str:
-    """What an answer depends on besides its input: prompt, style, model, sampling."""
+    """What an answer depends on besides its input: prompt, style, model (and the embedded
+    teacher's GGUF file, when it is not the shipped one), sampling."""
     t = recipe.teacher
     basis = {
         "answer": recipe.answer.model_dump(),
         "model": endpoint.model,
         "sampling": {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": t.max_tokens},
     }
+    if endpoint.gguf_sha256 is not None:  # a GGUF file's stem is a weak name for its weights
+        basis["gguf_sha256"] = endpoint.gguf_sha256
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 

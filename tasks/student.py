@@ -92,7 +92,8 @@ def prompt_completion(chats: list[Chat]) -> list[dict[str, Chat]]:
 
 
 def gguf_path() -> Path:
-    """The teacher's GGUF, which the student starts from (tasks.embedded finds it)."""
+    """The shipped GGUF (the default teacher), which the student starts from (tasks.embedded
+    finds it); a teacher of your own (--teacher-gguf) leaves the student as it is."""
     from distillery.tasks.embedded import gguf_path as find
     from distillery.tasks.teacher import TeacherError
 

@@ -236,6 +236,44 @@ def test_batch_with_the_embedded_teacher_is_refused_before_anything_runs(tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["missing", "not gguf", "with a base url"])
+def test_a_bad_teacher_gguf_is_refused_before_prefect_starts_or_a_request_is_sent(
+    tmp_path: Path, case: str
+) -> None:
+    from distillery.tasks.embedded import gguf_path
+
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("not a model\n")
+    gguf, expected = {
+        "missing": (tmp_path / "gone.gguf", f"{tmp_path / 'gone.gguf'} does not exist: give "
+                    "--teacher-gguf (parameter teacher_gguf) the path of a GGUF model file."),
+        "not gguf": (notes, f"{notes} is not a GGUF file"),
+        "with a base url": (gguf_path(), "--teacher-base-url embedded (or leave it out)"),
+    }[case]  # fmt: skip
+    out = tmp_path / "out"
+    with FakeTeacher() as teacher:
+        args = ["run", RECIPE, "--output", str(out), "--no-train", "--teacher-gguf", str(gguf)]
+        if case == "with a base url":
+            args += ["--teacher-base-url", teacher.url]
+        proc = distillery(*args, env=cli_env(tmp_path))
+        output, _ = proc.communicate(timeout=120)
+        assert teacher.stats.received == 0
+    assert proc.returncode == 2, output
+    assert expected in output and "Traceback" not in output, output
+    assert not out.exists()
+    # Importing Prefect makes its home folder; its server would make the database there.
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists(), "Prefect's server started"
+
+
+def test_teacher_serve_refuses_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("not a model\n")
+    proc = distillery("teacher", "serve", "--gguf", str(notes), env=cli_env(tmp_path))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, output
+    assert f"{notes} is not a GGUF file" in output and "give --gguf" in output, output
+
+
 def test_review_without_a_server_is_refused_before_anything_runs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = distillery("run", RECIPE, "--review", "--output", str(out), env=cli_env(tmp_path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -27,17 +28,23 @@ def tiny_recipe(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_run_on_the_embedded_default_publishes_and_trains_a_student_that_reloads(
-    tmp_path: Path, model_cache: Path
-) -> None:
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """No teacher key or Prefect server of the developer's: ephemeral mode, caches in tmp_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect-home"),
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
-        DISTILLERY_MODEL_CACHE=str(model_cache),
     )
+    return env
+
+
+@pytest.mark.slow
+def test_run_on_the_embedded_default_publishes_and_trains_a_student_that_reloads(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    env = clean_env(tmp_path)
+    env["DISTILLERY_MODEL_CACHE"] = str(model_cache)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "distillery.flows.cli", "run", str(tiny_recipe(tmp_path))]
     proc = subprocess.run(
@@ -79,3 +86,30 @@ def test_run_on_the_embedded_default_publishes_and_trains_a_student_that_reloads
     generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(generated[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()
+
+
+@pytest.mark.slow
+def test_a_gguf_given_by_path_teaches_and_the_manifest_names_its_weights(tmp_path: Path) -> None:
+    """The shipped file given by path: a short run (6 rows, no training) on llama.cpp."""
+    from distillery.tasks.embedded import MODEL_NAME, gguf_path
+
+    gguf = gguf_path()
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "distillery.flows.cli", "run", str(tiny_recipe(tmp_path))]
+    command += ["--output", str(out), "--examples", "6", "--no-train", "--teacher-gguf", str(gguf)]
+    proc = subprocess.run(
+        command, cwd=REPO, env=clean_env(tmp_path), capture_output=True, text=True, timeout=900
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+
+    dataset = out / "stock-advisor-demo"
+    folder = dataset / (dataset / "LATEST").read_text().strip()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["counts"]["published"]["total"] >= 6
+    teacher = manifest["teacher"]
+    assert teacher["model"] == MODEL_NAME and teacher["host"] == "embedded"
+    assert teacher["gguf"] == gguf.name
+    assert teacher["gguf_bytes"] == gguf.stat().st_size
+    assert teacher["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert "training" not in manifest

@@ -156,3 +156,19 @@ def test_target_below_the_seed_count_is_rejected_with_the_minimum(tmp_path: Path
     assert target_size(recipe, path, 2) == 2
     with pytest.raises(RecipeError, match=r"1 examples is below the recipe's 2 seeds"):
         target_size(recipe, path, 1)
+
+
+def test_teacher_gguf_is_relative_to_the_recipe_and_not_part_of_its_hash(tmp_path: Path) -> None:
+    plain = load_recipe(str(write_recipe(tmp_path)))
+    recipe = load_recipe(str(write_recipe(tmp_path, teacher={"model": "m", "gguf": "big.gguf"})))
+    assert recipe.teacher.gguf == str(tmp_path / "big.gguf")
+    # Where the weights lie is not what they are: the manifest records their SHA-256.
+    assert recipe.content_hash() == plain.content_hash()
+
+
+def test_teacher_gguf_with_a_base_url_is_refused(tmp_path: Path) -> None:
+    teacher = {"model": "m", "gguf": "big.gguf", "base_url": "http://127.0.0.1:8080/v1"}
+    with pytest.raises(RecipeError, match=r"teacher: .*served by the embedded teacher.*remove one"):
+        load_recipe(str(write_recipe(tmp_path, teacher=teacher)))
+    teacher["base_url"] = "embedded"
+    assert load_recipe(str(write_recipe(tmp_path, teacher=teacher))).teacher.gguf

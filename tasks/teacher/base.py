@@ -101,8 +101,17 @@ class TeacherEndpoint(BaseModel):
     embedded: bool = Field(
         False,
         description=(
-            "The embedded SmolLM2 teacher served by this process on 127.0.0.1; its port changes "
-            "from run to run, so it is not part of the endpoint (nor of any cache key)."
+            "The embedded teacher (a GGUF file on llama.cpp) served by this process on "
+            "127.0.0.1; its port changes from run to run, so it is not part of the endpoint "
+            "(nor of any cache key)."
+        ),
+    )
+    gguf_sha256: str | None = Field(
+        None,
+        description=(
+            "The embedded teacher's GGUF file, by content (SHA-256), when it is not the shipped "
+            "SmolLM2: part of the cache identity, so that two files never replay each other's "
+            "answers. None: the shipped file (or another teacher)."
         ),
     )
 
@@ -118,9 +127,13 @@ class TeacherEndpoint(BaseModel):
         URL, so that two servers on one host (two local ports, two gateway routes) serving the
         same model alias never replay each other's answers. OpenAI's own API and the embedded
         teacher (whose port changes from run to run) keep their plain names: caches made before
-        the port and path were part of the key stay valid for them."""
+        the port and path were part of the key stay valid for them. The embedded teacher on any
+        GGUF file but the shipped one adds the file's content hash (not its path: a copy of a
+        file is the same teacher)."""
         if self.embedded:
-            return EMBEDDED_HOST
+            if self.gguf_sha256 is None:
+                return EMBEDDED_HOST
+            return f"{EMBEDDED_HOST}:{self.gguf_sha256[:16]}"
         if not self.base_url:
             return OPENAI_HOST
         url = urlsplit(self.base_url.strip())
