@@ -24,6 +24,7 @@ from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.utilities.context import get_task_and_flow_run_ids
 
 from distillery.tasks.cost import format_usd
+from distillery.tasks.diversity import diversity_table
 from distillery.tasks.recipe import Recipe
 from distillery.tasks.teacher import BatchesPending, TeacherEngine
 
@@ -102,6 +103,7 @@ def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str
     expansion = counts["expansion"]
     answers = counts["answers"]
     refresh = manifest.get("refresh", {})
+    evaluation = manifest.get("evaluation", {})
     tokens = manifest["tokens"]
     outcome = summary["outcome"]
     headline = {
@@ -119,8 +121,14 @@ def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str
         "",
         "| stage | what | count |",
         "|---|---|---|",
-        f"| seeds | in the recipe | {counts['seeds']} |",
+        f"| seeds | in the recipe (evaluation items apart) | {counts['seeds']} |",
     ]
+    if evaluation.get("enabled"):
+        lines.append(
+            f"| evaluate | held-out items (from {evaluation['held_out_from']}), reference "
+            f"answers accepted | {evaluation['items']}, "
+            f"{evaluation['reference_answers']['accepted']} |"
+        )
     if refresh.get("previous"):
         lines += [
             f"| refresh | kept from `{refresh['previous']}` | {counts['kept_from_previous']} |",
@@ -129,6 +137,11 @@ def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str
             f"| refresh | answered again (answer prompt or model changed) | "
             f"{refresh['reanswered']} |",
         ]
+        if refresh.get("dropped_contaminated"):
+            lines.append(
+                "| refresh | dropped: too close to an evaluation item | "
+                f"{refresh['dropped_contaminated']} |"
+            )
     lines += [
         f"| expand | requests | {expansion.get('requests', 0)} |",
         f"| expand | examples parsed | {expansion.get('parsed', 0)} |",
@@ -154,6 +167,7 @@ def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str
         f"| cost (USD) | {format_usd(summary['cost_usd'])} |",
         f"| estimated cost (USD) | {format_usd(summary.get('estimated_cost_usd'))} |",
         "",
+        *([*diversity_table(manifest["diversity"]), ""] if manifest.get("diversity") else []),
         "| duration | seconds |",
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in summary.get("timings_s", {}).items()),

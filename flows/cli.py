@@ -282,6 +282,7 @@ def _run(args: argparse.Namespace) -> int:
     from distillery.flows.distill import DistillParams, distill, resolve_endpoint
     from distillery.flows.recheck import WAITING
     from distillery.tasks.cost import format_usd
+    from distillery.tasks.diversity import diversity_line
     from distillery.tasks.teacher import (
         BudgetExceeded,
         EngineSettings,
@@ -374,6 +375,13 @@ def _run(args: argparse.Namespace) -> int:
         f"teacher requests: {summary['requests_sent']} sent, {summary['requests_cached']} cached, "
         f"cost {format_usd(summary.get('cost_usd'))}"
     )
+    if summary.get("evaluation_items"):
+        print(
+            f"evaluation: {summary['evaluation_items']} held-out items with the teacher's "
+            "reference answers (evaluation/eval.parquet)"
+        )
+    if summary.get("diversity"):
+        print(f"diversity: {diversity_line(summary['diversity'])}")
     for stage in ("expansion", "answer"):
         rejects = summary[f"{stage}_rejects"]
         if rejects:

@@ -30,6 +30,8 @@ from distillery.flows.review import review_gate
 from distillery.tasks import embedded
 from distillery.tasks.answer import AnswerResult, answer_inputs
 from distillery.tasks.cost import price_for
+from distillery.tasks.diversity import diversity
+from distillery.tasks.evaluation import evaluation_entry
 from distillery.tasks.expand import ExpansionResult, expand_inputs
 from distillery.tasks.export import (
     PublishedVersion,
@@ -41,7 +43,7 @@ from distillery.tasks.export import (
 )
 from distillery.tasks.memory import release_freed_memory
 from distillery.tasks.recipe import Recipe, load_recipe, target_size
-from distillery.tasks.record import INPUT_COLUMNS
+from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS
 from distillery.tasks.refresh import (
     Previous,
     RefreshPlan,
@@ -164,6 +166,9 @@ class AnswerStage:
         self._futures: list[PrefectFuture[AnswerResult]] = []
         self._batches: Counter[int] = Counter()  # answer tasks submitted per cycle
         self._pending_rows = 0  # inputs of the tasks not collected yet
+        # The evaluation items' reference answers: answered like any input, never a row.
+        self.reference: AnswerResult | None = None
+        self._reference: PrefectFuture[AnswerResult] | None = None
 
     def submit(self, inputs: pd.DataFrame, cycle: int) -> None:
         """Answer `inputs` (at most `size` rows) in one task."""
@@ -171,6 +176,10 @@ class AnswerStage:
         self._pending_rows += len(inputs)
         label = f"cycle-{cycle}-batch-{self._batches[cycle]}"
         self._futures.append(answer_inputs.submit(self.recipe, self.endpoint, inputs, label))
+
+    def submit_reference(self, items: pd.DataFrame) -> None:
+        """Answer the evaluation items, in one task of their own."""
+        self._reference = answer_inputs.submit(self.recipe, self.endpoint, items, "eval")
 
     def submit_all(self, inputs: pd.DataFrame, cycle: int) -> None:
         for i in range(0, len(inputs), self.size):
@@ -192,6 +201,12 @@ class AnswerStage:
             except BatchesPending as exc:
                 pending.append(exc)
         self._futures, self._pending_rows = [], 0
+        if self._reference is not None:
+            try:
+                self.reference = self._reference.result()
+            except BatchesPending as exc:
+                pending.append(exc)
+            self._reference = None
         if pending:
             raise BatchesPending.combine(pending)
 
@@ -201,6 +216,7 @@ class Generation:
     """What the teacher stages produced for one run."""
 
     answered: pd.DataFrame  # every input answered now; `status` says if its answer was kept
+    reference: pd.DataFrame | None = None  # the evaluation items answered now (EVAL_SCHEMA)
     rejected_inputs: list[pd.DataFrame] = field(default_factory=list)
     expansion: Counter[str] = field(default_factory=Counter)
     expansion_rejects: Counter[str] = field(default_factory=Counter)
@@ -222,7 +238,7 @@ def _accepted(result: AnswerResult) -> int:
 
 def teacher_needed(plan: RefreshPlan) -> bool:
     """False when LATEST already has everything: the teacher is not even started."""
-    return len(plan.to_answer) > 0 or len(plan.kept) < plan.goal
+    return len(plan.to_answer) > 0 or len(plan.kept) < plan.goal or len(plan.evaluation) > 0
 
 
 def generate(
@@ -246,6 +262,8 @@ def generate(
     with _until_batches_pending(out, answers), artifacts.TeacherProgress(engine, plan.goal):
         if len(plan.to_answer):
             answers.submit_all(plan.to_answer, 0)
+        if len(plan.evaluation):
+            answers.submit_reference(plan.evaluation)
         for cycle in range(1, MAX_CYCLES + 1):
             kept = len(plan.kept) + answers.expected
             if kept >= plan.goal:
@@ -278,6 +296,9 @@ def generate(
         stats.add(a.stats)
     if answers.results:
         out.answered = pd.concat([a.rows for a in answers.results], ignore_index=True)
+    if answers.reference is not None:
+        stats.add(answers.reference.stats)
+        out.reference = answers.reference.rows[EVAL_SCHEMA.names]
     out.requests = stats.requests
     out.this_run = engine.totals.since(before)
     out.seconds = round(time.monotonic() - started, 2)
@@ -358,10 +379,13 @@ def build_manifest(
     run_id: str,
     target: int,
     fingerprint: str,
+    evaluation: dict[str, Any],
+    diversity: dict[str, Any],
     gguf: embedded.Gguf | None = None,
 ) -> dict[str, Any]:
     """Everything a reader of a version needs to know about how it was made; `fingerprint`: the
-    accepted rows' content_fingerprint; `gguf`: the embedded teacher's file (None: shipped)."""
+    accepted rows' content_fingerprint; `evaluation`, `diversity`: their entries; `gguf`: the
+    embedded teacher's file (None: shipped)."""
     # Masks, not copies of the rows (each of the two was most of the frame).
     kept = candidates["status"] == "accepted"
     new = candidates["run_id"] == run_id
@@ -385,7 +409,7 @@ def build_manifest(
         "random_seed": recipe.random_seed,
         "training_config": recipe.training.model_dump(),
         "counts": {
-            "seeds": len(recipe.seeds),
+            "seeds": len(plan.seed_ids),
             "kept_from_previous": len(plan.kept),
             "expansion": {**generation.expansion, "rejected": dict(generation.expansion_rejects)},
             "answers": {
@@ -410,6 +434,8 @@ def build_manifest(
             "estimated_usd": generation.this_run.estimated_cost_usd,
             "price": _price(endpoint),
         },
+        "evaluation": evaluation,
+        "diversity": diversity,
         "validation": report.to_dict(),
         "data_docs": report.docs_uri,
         "shortfall": generation.shortfall,
@@ -572,12 +598,19 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     # The Data Docs are written (in the GX worker) while the flow publishes; their URI is known
     # already, so the manifest and the summary link them before they are there.
     docs = publish_data_docs.submit(params.output, recipe.name, run_id)
+    reference = reference_set(recipe, plan, generation)
+    evaluation = evaluation_entry(
+        recipe,
+        reference,
+        generation.expansion_rejects["contaminated"] + len(plan.contaminated),
+        plan.previous.version if plan.previous and generation.reference is None else None,
+    )
     manifest = build_manifest(
         recipe, params, endpoint, plan, generation, candidates, report, run_id, target,
-        fingerprint, gguf,
+        fingerprint, evaluation, diversity(dataset), gguf,
     )  # fmt: skip
     timings = {"teacher": generation.seconds, "validate": report.seconds}
-    if previous is not None and manifest["content_fingerprint"] == _fingerprint_of(previous):
+    if previous is not None and _unchanged(manifest, previous):
         log.info(
             "nothing changed since %s (%d teacher requests sent): nothing published, no training",
             previous.version, generation.this_run.sent,
@@ -594,6 +627,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     rejected = pd.concat(
         [
             *generation.rejected_inputs,
+            *([plan.contaminated] if len(plan.contaminated) else []),
             candidates[
                 (candidates["status"] == "rejected") & (candidates["run_id"] == run_id)
             ].assign(stage="answer"),
@@ -603,7 +637,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     review = recipe.review.enabled if params.review is None else params.review
     t0 = time.monotonic()
     published = publish_version(
-        params.output, recipe, candidates, rejected, manifest, move_latest=not review
+        params.output, recipe, candidates, rejected, manifest, not review, reference
     )
     timings["publish"] = round(time.monotonic() - t0, 2)
     log.info(
@@ -692,6 +726,7 @@ def publish_version(
     rejected: pd.DataFrame,
     manifest: dict[str, Any],
     move_latest: bool,
+    evaluation: pd.DataFrame | None,
 ) -> PublishedVersion:
     """The publish task, recorded as a materialization of the dataset's Prefect asset."""
     deps: list[Asset | str] = [k for k in (asset_key(manifest["recipe"]["uri"]),) if k]
@@ -711,7 +746,24 @@ def publish_version(
             cache_policy=NO_CACHE,
             asset_deps=deps,
         )(publish_dataset.fn)
-    return task_(output, recipe, candidates, rejected, manifest, move_latest)
+    return task_(output, recipe, candidates, rejected, manifest, move_latest, evaluation)
+
+
+def reference_set(recipe: Recipe, plan: RefreshPlan, generation: Generation) -> pd.DataFrame | None:
+    """The evaluation set to publish (EVAL_SCHEMA): answered now, else LATEST's, reused; None
+    without evaluation."""
+    if not recipe.evaluation.enabled:
+        return None
+    return generation.reference if generation.reference is not None else plan.eval_kept
+
+
+def _unchanged(manifest: dict[str, Any], previous: Previous) -> bool:
+    """The same rows and the same evaluation set as LATEST: nothing to publish."""
+    before = previous.manifest.get("evaluation", {}).get("fingerprint")
+    return (
+        manifest["content_fingerprint"] == _fingerprint_of(previous)
+        and manifest["evaluation"].get("fingerprint") == before
+    )
 
 
 def _fingerprint_of(previous: Previous) -> str:
@@ -740,6 +792,8 @@ def _summary(
         "cost_usd": generation.this_run.cost_usd,
         "estimated_cost_usd": generation.this_run.estimated_cost_usd,
         "shortfall": generation.shortfall,
+        "evaluation_items": manifest.get("evaluation", {}).get("items"),
+        "diversity": manifest.get("diversity"),
         "timings_s": timings,
         "seconds": round(time.monotonic() - started, 2),
     }

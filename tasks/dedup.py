@@ -66,6 +66,7 @@ class NearDuplicateIndex:
         self._signatures = np.empty((1024, self.NUM_PERM), dtype=np.uint32)
         self._size = 0
         self._keys: set[str] = set()
+        self._row_keys: list[str] = []  # the key of each row, in the order added
         self._tables: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
 
     def minhash(self, text: str) -> np.ndarray:
@@ -103,6 +104,17 @@ class NearDuplicateIndex:
         signature = self.minhash(text)
         return self._max_similarity(signature, self._candidates(signature)), signature
 
+    def closest(self, signature: np.ndarray) -> tuple[float, str | None]:
+        """Max estimated similarity of a signature to an indexed row, and that row's key (0.0 and
+        None when none is close)."""
+        candidates = self._candidates(signature)
+        if not candidates:
+            return 0.0, None
+        rows = np.fromiter(sorted(candidates), dtype=np.intp, count=len(candidates))
+        shares = (self._signatures[rows] == signature).mean(axis=1)
+        best = int(shares.argmax())
+        return float(shares[best]), self._row_keys[int(rows[best])]
+
     def nearest(self) -> list[float]:
         """Each indexed row's max estimated similarity to another indexed row, in the order added
         (0.0 when none is close)."""
@@ -116,6 +128,7 @@ class NearDuplicateIndex:
         if key in self._keys:
             return
         self._keys.add(key)
+        self._row_keys.append(key)
         if self._size == len(self._signatures):
             self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
         row = self._size

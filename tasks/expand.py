@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from distillery.tasks.dedup import NearDuplicateIndex, example_text
+from distillery.tasks.evaluation import contamination_for
 from distillery.tasks.recipe import Recipe, ValidationSettings
 from distillery.tasks.record import INPUT_COLUMNS, TEMPLATE_LEAK_PATTERN, normalise_text, record_id
 from distillery.tasks.teacher import (
@@ -31,7 +32,7 @@ from distillery.tasks.teacher import (
 logger = logging.getLogger("distillery.expand")
 
 # Bump when the prompt building or parsing changes, so Prefect's cache of this stage turns over.
-EXPANSION_VERSION = "3"
+EXPANSION_VERSION = "4"
 
 # Expansion requests take a free slot before answer requests queued earlier: their replies are
 # the inputs that keep the answer stage busy (tasks.teacher.pacing.Slots).
@@ -168,7 +169,7 @@ class ExpansionResult:
 
 
 def seed_inputs(recipe: Recipe) -> pd.DataFrame:
-    """The recipe's seeds as input rows."""
+    """The recipe's training seeds as input rows (an evaluation item is never one)."""
     rows = [
         {
             "id": record_id(s.user_context, s.question),
@@ -179,7 +180,7 @@ def seed_inputs(recipe: Recipe) -> pd.DataFrame:
             "max_similarity": 0.0,
             "expansion_request_id": "",
         }
-        for s in recipe.seeds
+        for s in recipe.seed_split()[0]
     ]
     return pd.DataFrame(rows, columns=INPUT_COLUMNS)
 
@@ -210,6 +211,7 @@ def run_expansion(
     focus_pairs = [p for p in seed_pairs if p[0] in set(focus)]
     prefix = f"{recipe.random_seed}/{salt}" if salt else f"{recipe.random_seed}"
     index = NearDuplicateIndex(cfg.near_duplicate_threshold)
+    contamination = contamination_for(recipe)
     known: set[str] = set()
     for rid, ctx, q in zip(
         existing["id"], existing["user_context"], existing["question"], strict=True
@@ -279,7 +281,9 @@ def run_expansion(
                     if verdict is None:
                         similarity, mh = index.check(example_text(ctx, q))
                         row["max_similarity"] = round(similarity, 4)
-                        if similarity >= cfg.near_duplicate_threshold:
+                        if contamination is not None:
+                            verdict = contamination.judge(q, mh)
+                        if verdict is None and similarity >= cfg.near_duplicate_threshold:
                             verdict = ("near_duplicate", f"MinHash similarity {similarity:.2f}")
                     if verdict is not None:
                         result.rejects[verdict[0]] += 1

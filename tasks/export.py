@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from distillery.tasks.diversity import diversity_table
+from distillery.tasks.evaluation import EVAL_FILE, eval_table
 from distillery.tasks.recipe import Recipe
 from distillery.tasks.record import RECORD_COLUMNS, RECORD_SCHEMA, REJECT_SCHEMA
 
@@ -102,6 +104,18 @@ class PublishedVersion:
 
 def dataset_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     counts = manifest["counts"]["published"]
+    evaluation = manifest.get("evaluation", {})
+    held_out = (
+        [
+            f"- `{EVAL_FILE}`: {evaluation['items']} held-out evaluation items (from "
+            f"{evaluation['held_out_from']}) with the teacher's reference answer; never shown "
+            "to expansion, never trained on; generated inputs too close to one were rejected "
+            "(`contaminated` in `rejected.parquet`).",
+        ]
+        if evaluation.get("enabled")
+        else []
+    )
+    report = manifest.get("diversity")
     lines = [
         f"# {recipe.name}",
         "",
@@ -118,8 +132,10 @@ def dataset_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         "- `train.parquet`, `validation.parquet`: one row per example (columns below), zstd.",
         "- `train.jsonl`, `validation.jsonl`: OpenAI chat fine-tuning format (`messages`).",
         "- `rejected.parquet`: rows a stage threw away, with `stage`, `reason` and `detail`.",
-        "- `manifest.json`: counts per stage, tokens, validation summary, timings.",
+        *held_out,
+        "- `manifest.json`: counts per stage, tokens, validation summary, diversity, timings.",
         "",
+        *(["## Diversity", "", *diversity_table(report), ""] if report else []),
         "## Columns",
         "",
         "| column | type |",
@@ -144,10 +160,12 @@ def publish(
     rejected: pd.DataFrame,
     manifest: dict[str, Any],
     move_latest: bool = True,
+    evaluation: pd.DataFrame | None = None,
 ) -> PublishedVersion:
     """Write a new version folder, then move LATEST to it (last: a half-written run never wins).
 
-    `move_latest=False` leaves LATEST alone (a version waiting for its review).
+    `move_latest=False` leaves LATEST alone (a version waiting for its review); `evaluation`:
+    the held-out evaluation set with its reference answers (EVAL_SCHEMA), if the recipe has one.
     """
     fs, root = fsspec.core.url_to_fs(output)
     base = posixpath.join(root, recipe.name)
@@ -190,6 +208,9 @@ def publish(
         write_parquet(f"{split}.parquet", part, lambda f: _table(f, RECORD_SCHEMA))
         write_jsonl(f"{split}.jsonl", part["messages"])
     write_parquet("rejected.parquet", rejected, _rejected_table)
+    if evaluation is not None:
+        fs.makedirs(posixpath.join(folder, posixpath.dirname(EVAL_FILE)), exist_ok=True)
+        write_parquet(EVAL_FILE, evaluation, eval_table)
     manifest = {**manifest, "version": version, "uri": uri}
     manifest["counts"]["published"] = counts
     write_bytes("README.md", dataset_card(recipe, manifest).encode())
@@ -264,7 +285,8 @@ def publish_dataset(
     rejected: pd.DataFrame,
     manifest: dict[str, Any],
     move_latest: bool = True,
+    evaluation: pd.DataFrame | None = None,
 ) -> PublishedVersion:
     """Publish the accepted rows as a new dataset version and move LATEST to it."""
     dataset = candidates[candidates["status"] == "accepted"][RECORD_COLUMNS]
-    return publish(output, recipe, dataset, rejected, manifest, move_latest)
+    return publish(output, recipe, dataset, rejected, manifest, move_latest, evaluation)

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import string
@@ -217,6 +218,61 @@ class ReviewSettings(_Strict):
     )
 
 
+# The fewest items an evaluation set may have: fewer say nothing a reader could trust.
+MIN_EVAL_ITEMS = 3
+
+
+class EvaluationSettings(_Strict):
+    enabled: bool = Field(
+        False,
+        description=(
+            "Hold out an evaluation set: never shown to expansion, never trained on, answered "
+            "once by the teacher as the reference; default: on when eval_seeds are given."
+        ),
+    )
+    eval_seeds: tuple[Seed, ...] = Field(
+        (),
+        description=(
+            "The evaluation items (user_context, question), inline or as eval_seeds_file (a "
+            "file like seeds_file); none given: a share of the seeds is held out."
+        ),
+    )
+    share: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description=(
+            "Share of the seeds held out when no eval_seeds are given (rounded up; chosen by a "
+            "hash of the seed id and random_seed, so a recipe always holds out the same seeds)."
+        ),
+    )
+    contamination_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description=(
+            "MinHash Jaccard similarity to an evaluation item (character 5-grams of context + "
+            "question) at or above which a generated input is rejected as contaminated."
+        ),
+    )
+    ngram: int = Field(
+        8,
+        ge=2,
+        description=(
+            "A generated question that shares a run of this many words with an evaluation "
+            "question is rejected as contaminated (case and punctuation ignored; a shorter "
+            "question counts as one run, itself)."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enabled_by_eval_seeds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "enabled" not in data:
+            return {**data, "enabled": bool(data.get("eval_seeds"))}
+        return data
+
+
 class Recipe(_Strict):
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]*$",
@@ -233,6 +289,7 @@ class Recipe(_Strict):
     validation: ValidationSettings = ValidationSettings()
     training: TrainingSettings = TrainingSettings()
     review: ReviewSettings = ReviewSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @model_validator(mode="after")
     def _check_templates(self) -> Recipe:
@@ -248,6 +305,30 @@ class Recipe(_Strict):
         exclude: Any = {"training": True, "review": True, "teacher": {"price", "gguf"}}
         dumped = self.model_dump_json(exclude=exclude)
         return hashlib.sha256(dumped.encode()).hexdigest()[:16]
+
+    def seed_split(self) -> tuple[tuple[Seed, ...], tuple[Seed, ...]]:
+        """(training seeds, evaluation items): what expansion and training see, and what they
+        never see. Without evaluation every seed trains; with eval_seeds they are the items;
+        else the `share` of the seeds first in the order of a hash of random_seed and id."""
+        cfg = self.evaluation
+        if not cfg.enabled:
+            return self.seeds, ()
+        if cfg.eval_seeds:
+            return self.seeds, cfg.eval_seeds
+        ids = [record_id(s.user_context, s.question) for s in self.seeds]
+        ranked = sorted(
+            ids, key=lambda i: hashlib.sha256(f"{self.random_seed}/eval/{i}".encode()).digest()
+        )
+        out = set(ranked[: held_out_count(cfg.share, len(ids))])
+        return (
+            tuple(s for s, i in zip(self.seeds, ids, strict=True) if i not in out),
+            tuple(s for s, i in zip(self.seeds, ids, strict=True) if i in out),
+        )
+
+
+def held_out_count(share: float, seeds: int) -> int:
+    """Seeds a share holds out: rounded up (the epsilon: 0.3 * 10 is 3.0000000000000004)."""
+    return math.ceil(share * seeds - 1e-9)
 
 
 def _check_template(where: str, template: str, allowed: set[str]) -> None:
@@ -266,10 +347,12 @@ def _check_template(where: str, template: str, allowed: set[str]) -> None:
 def target_size(recipe: Recipe, uri: str, examples: int | None) -> int:
     """The dataset size a run aims at (seeds included): `examples`, else the recipe's."""
     target = examples or recipe.examples
-    if target < len(recipe.seeds):
+    seeds = len(recipe.seed_split()[0])
+    if target < seeds:
         raise RecipeError(
-            f"{uri}: {target} examples is below the recipe's {len(recipe.seeds)} seeds; ask for "
-            f"at least {len(recipe.seeds)} (--examples or the recipe's 'examples')."
+            f"{uri}: {target} examples is below the recipe's {seeds} seeds"
+            f"{' (evaluation items apart)' if recipe.evaluation.enabled else ''}; ask for "
+            f"at least {seeds} (--examples or the recipe's 'examples')."
         )
     return target
 
@@ -294,21 +377,14 @@ def load_recipe(uri: str) -> Recipe:
         if "seeds" in data:
             raise RecipeError(f"{uri}: give either 'seeds' or 'seeds_file', not both.")
         data["seeds"] = _load_seeds_file(_resolve(uri, str(seeds_file)))
-    teacher = data.get("teacher")
-    if isinstance(teacher, dict) and isinstance(teacher.get("gguf"), str):
-        gguf = _resolve(uri, os.path.expanduser(teacher["gguf"]))
-        if "://" in gguf:
-            raise RecipeError(
-                f"{uri}: teacher.gguf resolves to {gguf}, but the embedded teacher serves local "
-                "files only: give the GGUF file's local path (absolute, or the recipe's own "
-                "folder must be local)."
-            )
-        data["teacher"] = {**teacher, "gguf": gguf}
+import math
+import os
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_describe(uri, exc)) from None
     _check_seeds(uri, recipe.seeds)
+    _check_evaluation(uri, recipe)
     return recipe
 
 
@@ -382,19 +458,61 @@ def _describe(uri: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _check_seeds(uri: str, seeds: tuple[Seed, ...]) -> None:
+def _check_seeds(uri: str, seeds: tuple[Seed, ...], where: str = "seeds") -> None:
     if not seeds:
-        raise RecipeError(f"{uri}: 'seeds' is empty; add at least one example.")
+        raise RecipeError(f"{uri}: '{where}' is empty; add at least one example.")
     seen: dict[str, int] = {}
     for i, seed in enumerate(seeds):
         for field in ("user_context", "question"):
             if not normalise_text(getattr(seed, field)):
                 raise RecipeError(
-                    f"{uri}: seeds[{i}].{field} is blank; write the text or remove the seed."
+                    f"{uri}: {where}[{i}].{field} is blank; write the text or remove the seed."
                 )
         sid = record_id(seed.user_context, seed.question)
         if sid in seen:
             raise RecipeError(
-                f"{uri}: seeds[{i}] duplicates seeds[{seen[sid]}]; remove one of them."
+                f"{uri}: {where}[{i}] duplicates {where}[{seen[sid]}]; remove one of them."
             )
         seen[sid] = i
+
+
+def _check_evaluation(uri: str, recipe: Recipe) -> None:
+    """An evaluation set of at least MIN_EVAL_ITEMS items, none of them a seed, and at least
+    one seed left for expansion; refused before any teacher call, with the fix."""
+    cfg = recipe.evaluation
+    if not cfg.enabled:
+        return
+    n = len(recipe.seeds)
+    if cfg.eval_seeds:
+        where = "evaluation.eval_seeds"
+        _check_seeds(uri, cfg.eval_seeds, where)
+        seeds = {record_id(s.user_context, s.question): i for i, s in enumerate(recipe.seeds)}
+        for i, item in enumerate(cfg.eval_seeds):
+            j = seeds.get(record_id(item.user_context, item.question))
+            if j is not None:
+                raise RecipeError(
+                    f"{uri}: {where}[{i}] is also seeds[{j}]: an evaluation item is never "
+                    "trained on; remove it from one of the two lists."
+                )
+        if len(cfg.eval_seeds) < MIN_EVAL_ITEMS:
+            raise RecipeError(
+                f"{uri}: {where} has {len(cfg.eval_seeds)} item(s); an evaluation set needs at "
+                f"least {MIN_EVAL_ITEMS}: add eval_seeds, or remove them to hold out a share of "
+                "the seeds, or set evaluation.enabled: false."
+            )
+        return
+    held = held_out_count(cfg.share, n)
+    if held < MIN_EVAL_ITEMS:
+        # The smallest share (in hundredths) that holds out MIN_EVAL_ITEMS and leaves a seed.
+        need = math.floor(MIN_EVAL_ITEMS / n * 100 + 1e-9) / 100
+        fix = f"raise evaluation.share to {need:g}, " if n > MIN_EVAL_ITEMS else ""
+        raise RecipeError(
+            f"{uri}: evaluation.share {cfg.share:g} of {n} seeds holds out {held}; an "
+            f"evaluation set needs at least {MIN_EVAL_ITEMS} items: {fix}add seeds, or list "
+            "evaluation.eval_seeds (or set evaluation.enabled: false)."
+        )
+    if held >= n:
+        raise RecipeError(
+            f"{uri}: evaluation.share {cfg.share:g} holds out all {n} seeds and leaves none to "
+            "expand: lower evaluation.share, add seeds, or list evaluation.eval_seeds."
+        )

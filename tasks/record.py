@@ -49,8 +49,24 @@ TEXT_COLUMNS = ("user_context", "question", "answer")
 REJECT_SCHEMA = pa.schema(
     [pa.field(f.name, f.type, nullable=True) for f in RECORD_SCHEMA if f.name != "split"]
     + [
-        pa.field("stage", pa.string(), nullable=False),  # "expand" | "answer"
+        pa.field("stage", pa.string(), nullable=False),  # "expand" | "answer" | "refresh"
         pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=True),
+    ]
+)
+
+# An evaluation item as published (evaluation/eval.parquet): the input and the teacher's
+# reference answer, with the answer filters' verdict on it (a rejected reference is kept, and
+# says why: the item stays in the set).
+_EVAL_FROM_RECORD = (
+    "id", "user_context", "question", "answer", "teacher_model", "answer_request_id",
+    "finish_reason", "prompt_tokens", "completion_tokens",
+)  # fmt: skip
+EVAL_SCHEMA = pa.schema(
+    [
+        *(RECORD_SCHEMA.field(name) for name in _EVAL_FROM_RECORD),
+        pa.field("status", pa.string(), nullable=False),  # "accepted" | "rejected"
+        pa.field("reason", pa.string(), nullable=True),
         pa.field("detail", pa.string(), nullable=True),
     ]
 )

@@ -10,6 +10,11 @@ The rules (README, "Nightly refresh"):
   answer fingerprint in the manifest tells.
 - Added seeds are answered, and each adds its share of the target (target / number of seeds,
   rounded up) of new examples, from expansion requests that all show at least one new seed.
+- Evaluation items (tasks/evaluation.py) stay out: a seed held out now counts as retired (its
+  rows go with it), and when the evaluation set or its decontamination rules changed, kept
+  generated rows too close to an item are dropped (rejected.parquet, reason `contaminated`) and
+  replaced. The previous version's reference answers are reused while the items and the answer
+  fingerprint are the same; else the items are answered again.
 - Lowering the target deletes nothing; `--from-scratch` (refresh=False) rebuilds from the seeds.
 - A version whose content (ids, answers, messages, splits) equals LATEST's is not published.
 """
@@ -28,10 +33,11 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from distillery.tasks.evaluation import EVAL_FILE, contamination_for, eval_inputs
 from distillery.tasks.expand import seed_inputs
 from distillery.tasks.export import read_text
 from distillery.tasks.recipe import Recipe
-from distillery.tasks.record import INPUT_COLUMNS, RECORD_COLUMNS
+from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS, RECORD_COLUMNS
 from distillery.tasks.teacher import TeacherEndpoint
 
 logger = logging.getLogger("distillery.refresh")
@@ -45,6 +51,7 @@ class Previous:
     uri: str
     manifest: dict[str, Any]
     rows: pd.DataFrame  # RECORD_COLUMNS, train and validation
+    evaluation: pd.DataFrame | None = None  # EVAL_SCHEMA, when the version has an evaluation set
 
 
 def read_latest(output: str, dataset: str) -> Previous | None:
@@ -70,7 +77,12 @@ def read_latest(output: str, dataset: str) -> Previous | None:
     # Parquet lists come back as numpy arrays: back to the lists and dicts a fresh row has.
     rows["seed_ids"] = rows["seed_ids"].map(list)
     rows["messages"] = rows["messages"].map(lambda turns: [dict(t) for t in turns])
-    return Previous(version=version, uri=uri, manifest=json.loads(raw), rows=rows)
+    manifest = json.loads(raw)
+    evaluation = None
+    if manifest.get("evaluation", {}).get("enabled"):
+        with fs.open(posixpath.join(folder, EVAL_FILE), "rb") as f:
+            evaluation = pd.read_parquet(f)
+    return Previous(version=version, uri=uri, manifest=manifest, rows=rows, evaluation=evaluation)
 
 
 def answer_fingerprint(recipe: Recipe, endpoint: TeacherEndpoint) -> str:
@@ -128,6 +140,12 @@ class RefreshPlan:
     reanswered: int = 0  # inputs of LATEST answered again (answer fingerprint changed)
     extra_for_new_seeds: int = 0
     answer_changed: bool = False
+    # Evaluation items to answer (INPUT_COLUMNS): all of them, unless eval_kept has them.
+    evaluation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=INPUT_COLUMNS))
+    # The previous version's evaluation set (EVAL_SCHEMA), reused as it is.
+    eval_kept: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EVAL_SCHEMA.names))
+    # Rows of LATEST dropped as too close to an evaluation item (with reason and detail).
+    contaminated: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RECORD_COLUMNS))
 
     @property
     def focus(self) -> tuple[str, ...]:
@@ -149,6 +167,7 @@ class RefreshPlan:
             "retired_seeds": self.retired_seeds,
             "extra_for_new_seeds": self.extra_for_new_seeds,
             "answer_changed": self.answer_changed,
+            "dropped_contaminated": len(self.contaminated),
         }
 
 
@@ -157,6 +176,7 @@ def plan_refresh(
 ) -> RefreshPlan:
     """Apply the module's rules to LATEST and the recipe as it is now."""
     seeds = seed_inputs(recipe)
+    items = eval_inputs(recipe)
     if previous is None:
         return RefreshPlan(
             previous=None,
@@ -165,6 +185,7 @@ def plan_refresh(
             goal=target,
             answer_fingerprint=fingerprint,
             seed_ids=list(seeds["id"]),
+            evaluation=items,
         )
     rows = previous.rows
     earlier = previous.manifest.get("seeds", {}).get("ids")
@@ -175,8 +196,15 @@ def plan_refresh(
     retired = sorted(set(earlier) - set(current))
     gone = set(retired)
     drop = rows["id"].isin(gone) | rows["seed_ids"].map(lambda ids: bool(gone.intersection(ids)))
+    dropped = int(drop.sum())
+    contaminated = _contaminated(recipe, previous, rows[~drop])
+    drop |= rows.index.isin(contaminated.index)
     kept = rows[~drop].reset_index(drop=True)
     answer_changed = previous.manifest.get("answer_fingerprint") != fingerprint
+    # The previous reference answers hold while the items and the answer fingerprint do.
+    eval_kept = previous.evaluation
+    if eval_kept is None or answer_changed or set(eval_kept["id"]) != set(items["id"]):
+        eval_kept = items.iloc[0:0]
     reanswer = kept[INPUT_COLUMNS] if answer_changed else kept[INPUT_COLUMNS].iloc[0:0]
     if answer_changed:
         kept = kept.iloc[0:0]
@@ -191,7 +219,7 @@ def plan_refresh(
             "seeds retired since %s: %s; %d rows drawn on them are dropped and replaced",
             previous.version,
             ", ".join(retired),
-            int(drop.sum()),
+            dropped,
         )
     if answer_changed:
         logger.info(
@@ -209,11 +237,49 @@ def plan_refresh(
         seed_ids=current,
         new_seeds=new,
         retired_seeds=retired,
-        dropped=int(drop.sum()),
+        dropped=dropped,
         reanswered=len(reanswer),
         extra_for_new_seeds=extra,
         answer_changed=answer_changed,
+        evaluation=items.iloc[0:0] if len(eval_kept) else items,
+        eval_kept=eval_kept,
+        contaminated=contaminated,
     )
+
+
+def _contaminated(recipe: Recipe, previous: Previous, rows: pd.DataFrame) -> pd.DataFrame:
+    """The generated rows among `rows` (of LATEST) too close to an evaluation item, with stage,
+    reason and detail; checked only when the items or the rules differ from those LATEST was
+    made with (its rows were checked against those as they were generated)."""
+    contamination = contamination_for(recipe)
+    if contamination is None:
+        return rows.iloc[0:0]
+    before = previous.manifest.get("evaluation", {})
+    checked = before.get("decontamination", {})
+    cfg = recipe.evaluation
+    if (
+        before.get("ids") == sorted(contamination.ids)
+        and checked.get("contamination_threshold") == cfg.contamination_threshold
+        and checked.get("ngram") == cfg.ngram
+    ):
+        return rows.iloc[0:0]
+    generated = rows[rows["source"] == "generated"]
+    verdicts = [
+        contamination.check(ctx, q)
+        for ctx, q in zip(generated["user_context"], generated["question"], strict=True)
+    ]
+    found = generated[np.array([v is not None for v in verdicts], dtype=bool)].assign(
+        stage="refresh",
+        reason=[v[0] for v in verdicts if v is not None],
+        detail=[v[1] for v in verdicts if v is not None],
+    )
+    if len(found):
+        logger.info(
+            "%d rows of %s are too close to an evaluation item: dropped and replaced",
+            len(found),
+            previous.version,
+        )
+    return found
 
 
 def previous_rows_empty() -> pd.DataFrame:

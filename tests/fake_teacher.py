@@ -55,6 +55,10 @@ class Knobs:
     truncate_rate: float = 0.0  # share of answer replies cut with finish_reason "length"
     refusal_rate: float = 0.0  # share of answer replies that are a refusal
     seed: int = 0  # faults, truncation and refusals derive from seed + body hash (+ attempt)
+    # Expansion replies in JSON: this share of them has, as its first example, one of `planted`
+    # (user_context, question) pairs (a teacher that saw them in training echoes them).
+    planted: tuple[tuple[str, str], ...] = ()
+    plant_rate: float = 0.0
 
 
 @dataclass
@@ -1056,7 +1060,12 @@ class _Core:
         elif form == "json_object":
             schema = response_format.get("schema")
         if form in ("json_schema", "json_object"):
-            text = json.dumps(gen_from_schema(schema or {"type": "object"}, rng))
+            data = gen_from_schema(schema or {"type": "object"}, rng)
+            draw, pick = _uniform(digest, f"{knobs.seed}/plant")
+            if knobs.planted and draw < knobs.plant_rate and isinstance(data.get("examples"), list):
+                ctx, question = knobs.planted[pick % len(knobs.planted)]
+                data["examples"][:1] = [{"user_context": ctx, "question": question}]
+            text = json.dumps(data)
             if knobs.reply == "malformed_json":
                 text = text[: max(2, int(len(text) * rng.uniform(0.3, 0.7)))]
                 text = text.rstrip("}]") + ", "

@@ -93,6 +93,10 @@ def test_flow_publishes_a_complete_version_and_rerun_sends_no_request(
     }
     assert manifest["validation"]["success"] is True
     assert manifest["tokens"]["requests_sent"] == teacher.stats.answered
+    assert manifest["evaluation"] == {"enabled": False}
+    assert manifest["diversity"]["rows"] == 60
+    assert manifest["diversity"]["nearest_neighbour"]["sampled_rows"] == 60
+    assert summary["diversity"] == manifest["diversity"]
     jsonl = (folder / "train.jsonl").read_text().splitlines()
     assert len(jsonl) == len(train)
     assert json.loads(jsonl[0])["messages"][-1]["role"] == "assistant"
