@@ -377,8 +377,27 @@ def load_recipe(uri: str) -> Recipe:
         if "seeds" in data:
             raise RecipeError(f"{uri}: give either 'seeds' or 'seeds_file', not both.")
         data["seeds"] = _load_seeds_file(_resolve(uri, str(seeds_file)))
-import math
-import os
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("gguf"), str):
+        gguf = _resolve(uri, os.path.expanduser(teacher["gguf"]))
+        if "://" in gguf:
+            raise RecipeError(
+                f"{uri}: teacher.gguf resolves to {gguf}, but the embedded teacher serves local "
+                "files only: give the GGUF file's local path (absolute, or the recipe's own "
+                "folder must be local)."
+            )
+        data["teacher"] = {**teacher, "gguf": gguf}
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and "eval_seeds_file" in evaluation:
+        evaluation = dict(evaluation)
+        eval_file = evaluation.pop("eval_seeds_file")
+        if "eval_seeds" in evaluation:
+            raise RecipeError(
+                f"{uri}: give either 'evaluation.eval_seeds' or 'evaluation.eval_seeds_file', "
+                "not both."
+            )
+        evaluation["eval_seeds"] = _load_seeds_file(_resolve(uri, str(eval_file)))
+        data["evaluation"] = evaluation
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
