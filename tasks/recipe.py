@@ -79,8 +79,8 @@ class TeacherSettings(_Strict):
         None,
         description=(
             "USD per 1M input and output tokens (input_usd_per_1m, output_usd_per_1m, "
-            "batch_discount); default: OpenAI's list price on OpenAI's API, 0 on a local server, "
-            "unknown elsewhere."
+            "batch_discount); default: OpenAI's list price on OpenAI's API, 0 for the embedded "
+            "teacher, unknown elsewhere (zeros mark a server nobody bills for as free)."
         ),
     )
     gguf: str | None = Field(
