@@ -593,6 +593,9 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     # accepted rows in place: the worker is at its peak of memory now).
     accepted = candidates["status"] == "accepted"
     fingerprint = content_fingerprint(candidates, accepted)
+    # Here, not after the verdict: it was on the flow's path there (0.3 s of a 2,000-example
+    # run, +0.04 on bench item 1b); three columns, not a copy of the rows.
+    inputs_diversity = diversity(candidates.loc[accepted, ["id", "user_context", "question"]])
     report = validation.result()
     dataset = candidates[accepted]
     # The Data Docs are written (in the GX worker) while the flow publishes; their URI is known
@@ -607,7 +610,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     )
     manifest = build_manifest(
         recipe, params, endpoint, plan, generation, candidates, report, run_id, target,
-        fingerprint, evaluation, diversity(dataset), gguf,
+        fingerprint, evaluation, inputs_diversity, gguf,
     )  # fmt: skip
     timings = {"teacher": generation.seconds, "validate": report.seconds}
     if previous is not None and _unchanged(manifest, previous):
