@@ -279,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch:
         os.environ["DISTILLERY_BATCH"] = "1"
 
-    from distillery.flows.distill import DistillParams, distill, resolve_endpoint
+    from distillery.flows.distill import DistillParams, distill, resolve_endpoint, teacher_gguf
     from distillery.flows.recheck import WAITING
     from distillery.tasks.cost import format_usd
     from distillery.tasks.diversity import diversity_line
@@ -321,7 +321,7 @@ def _run(args: argparse.Namespace) -> int:
         if params.train:
             backend = params.train_backend or recipe.training.backend
             check_backend(recipe.training.model_copy(update={"backend": backend}))
-        endpoint = resolve_endpoint(recipe, params)
+        endpoint = resolve_endpoint(recipe, params, teacher_gguf(recipe, params))
         check_settings(endpoint, EngineSettings())  # --max-cost and --batch against it
     except (TeacherError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

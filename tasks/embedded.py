@@ -128,7 +128,7 @@ def gguf_file(path: str | Path | None = None, setting: str = "--teacher-gguf") -
     sha = file_sha256(file)
     shipped = gguf_path()
     # The shipped file is hashed (once) only for a file of its size: any other size differs.
-    same = size == shipped.stat().st_size and sha == file_sha256(shipped)
+    same = file == shipped or (size == shipped.stat().st_size and sha == file_sha256(shipped))
     return Gguf(path=file, size=size, sha256=sha, shipped=same)
 
 

@@ -14,7 +14,10 @@ import pyarrow as pa
 
 from distillery.tasks.dedup import NearDuplicateIndex, example_text
 from distillery.tasks.recipe import EvaluationSettings, Recipe
-from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS, normalise_text, record_id
+from distillery.tasks.record import (
+    EVAL_SCHEMA,
+    hand_written_inputs,
+)
 
 # Where a version holds its evaluation set, relative to the version folder.
 EVAL_FILE = "evaluation/eval.parquet"
@@ -24,19 +27,7 @@ _WORD = re.compile(r"\w+")
 
 def eval_inputs(recipe: Recipe) -> pd.DataFrame:
     """The recipe's evaluation items as input rows (source "eval"); none without evaluation."""
-    rows = [
-        {
-            "id": record_id(s.user_context, s.question),
-            "user_context": normalise_text(s.user_context),
-            "question": normalise_text(s.question),
-            "source": "eval",
-            "seed_ids": [],
-            "max_similarity": 0.0,
-            "expansion_request_id": "",
-        }
-        for s in recipe.seed_split()[1]
-    ]
-    return pd.DataFrame(rows, columns=INPUT_COLUMNS)
+    return hand_written_inputs(recipe.seed_split()[1], "eval")
 
 
 def word_runs(text: str, n: int) -> Iterator[tuple[str, ...]]:

@@ -19,7 +19,13 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from distillery.tasks.dedup import NearDuplicateIndex, example_text
 from distillery.tasks.evaluation import contamination_for
 from distillery.tasks.recipe import Recipe, ValidationSettings
-from distillery.tasks.record import INPUT_COLUMNS, TEMPLATE_LEAK_PATTERN, normalise_text, record_id
+from distillery.tasks.record import (
+    INPUT_COLUMNS,
+    TEMPLATE_LEAK_PATTERN,
+    hand_written_inputs,
+    normalise_text,
+    record_id,
+)
 from distillery.tasks.teacher import (
     CallStats,
     ChatRequest,
@@ -170,19 +176,7 @@ class ExpansionResult:
 
 def seed_inputs(recipe: Recipe) -> pd.DataFrame:
     """The recipe's training seeds as input rows (an evaluation item is never one)."""
-    rows = [
-        {
-            "id": record_id(s.user_context, s.question),
-            "user_context": normalise_text(s.user_context),
-            "question": normalise_text(s.question),
-            "source": "seed",
-            "seed_ids": [],
-            "max_similarity": 0.0,
-            "expansion_request_id": "",
-        }
-        for s in recipe.seed_split()[0]
-    ]
-    return pd.DataFrame(rows, columns=INPUT_COLUMNS)
+    return hand_written_inputs(recipe.seed_split()[0], "seed")
 
 
 def run_expansion(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
+from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -42,8 +45,6 @@ ANSWER_COLUMNS = [f.name for f, stage in _COLUMNS if stage == _ANSWER]
 # "rejected", and for a rejected row the reason and detail.
 VERDICT_COLUMNS = ["status", "reason", "detail"]
 
-# Text columns the suite bounds in length and checks for prompt-template leakage.
-TEXT_COLUMNS = ("user_context", "question", "answer")
 
 # A row that a stage threw away: the record's columns (any may be empty) plus where and why.
 REJECT_SCHEMA = pa.schema(
@@ -86,3 +87,21 @@ def record_id(user_context: str, question: str) -> str:
     """Stable id of an example: a hash of its normalised, case-folded context and question."""
     key = normalise_text(user_context).casefold() + "\x1f" + normalise_text(question).casefold()
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def hand_written_inputs(examples: Iterable[Any], source: str) -> pd.DataFrame:
+    """Input rows (INPUT_COLUMNS) of hand-written examples (objects with user_context and
+    question: seeds, evaluation items), marked with `source`."""
+    rows = [
+        {
+            "id": record_id(e.user_context, e.question),
+            "user_context": normalise_text(e.user_context),
+            "question": normalise_text(e.question),
+            "source": source,
+            "seed_ids": [],
+            "max_similarity": 0.0,
+            "expansion_request_id": "",
+        }
+        for e in examples
+    ]
+    return pd.DataFrame(rows, columns=INPUT_COLUMNS)

@@ -114,16 +114,18 @@ def test_a_second_ctrl_c_while_draining_forces_the_close(tmp_path: Path) -> None
         assert len(raised) == 1 and isinstance(raised[0], TeacherInterrupted)
 
 
-def cli_env(tmp_path: Path, api_url: str) -> dict[str, str]:
-    """Its own Prefect home and teacher cache; the session's Prefect server (started once)."""
+def cli_env(tmp_path: Path, api_url: str | None) -> dict[str, str]:
+    """Its own Prefect home and teacher cache; the session's Prefect server (started once), or
+    none (api_url None: Prefect's ephemeral mode)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=api_url,
         DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
         DISTILLERY_CONCURRENCY=str(CONCURRENCY),
         DISTILLERY_DRAIN_GRACE_S=str(GRACE_S),
     )
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
     return env
 
 
@@ -207,13 +209,7 @@ def test_ctrl_c_to_the_whole_group_in_ephemeral_mode_exits_130_within_the_grace(
 ) -> None:
     # As a terminal's Ctrl-C: SIGINT to the foreground process group, which in ephemeral mode (no
     # PREFECT_API_URL) also holds the API server that Prefect starts for the run.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        DISTILLERY_CACHE_DIR=str(tmp_path / "cache"),
-        DISTILLERY_CONCURRENCY=str(CONCURRENCY),
-        DISTILLERY_DRAIN_GRACE_S=str(GRACE_S),
-    )
+    env = cli_env(tmp_path, None)
     out = tmp_path / "out"
     args = ["run", RECIPE, "--examples", "200", "--output", str(out), "--no-train"]
     with FakeTeacher(Knobs(latency=0.5, slots=CONCURRENCY)) as teacher:
