@@ -265,12 +265,88 @@ class EvaluationSettings(_Strict):
         ),
     )
 
+    min_win_rate_vs_base: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=(
+            "A gate: when the trained student's judged win rate against the base student on the "
+            "evaluation items is under this, the run says so and exits 1 (the version stays "
+            "published; the student is not marked as promoted); None: report only."
+        ),
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _enabled_by_eval_seeds(cls, data: Any) -> Any:
         if isinstance(data, dict) and "enabled" not in data:
             return {**data, "enabled": bool(data.get("eval_seeds"))}
         return data
+
+
+DEFAULT_RUBRIC: dict[str, str] = {
+    "uses_context": (
+        "Uses the user's context (their situation, numbers and goals), not a generic answer."
+    ),
+    "answers_question": "Answers the question that was asked, directly.",
+    "justified": "Justifies its advice with reasons a reader can check.",
+    "no_invented_facts": "Invents no facts, figures, prices or events.",
+    "safe_advice": (
+        "Gives safe, responsible advice for a retail investor (risks named, no guarantees)."
+    ),
+}
+
+
+class JudgeSettings(_Strict):
+    """LLM-as-judge: the scores of each answer (the `judge` stage) and the pairwise verdicts of
+    the transfer report. The judge goes through the same engine as the teacher (cache, limits,
+    cost, Batch API)."""
+
+    enabled: bool = Field(
+        False,
+        description=(
+            "Score every answer on the rubric (the judge stage: one more request per row); "
+            "off: no scores, no low_score rejects. The shipped recipes turn it on."
+        ),
+    )
+    model: str | None = Field(
+        None, description="Judge model, as its endpoint knows it; default: the teacher's model."
+    )
+    base_url: str | None = Field(
+        None,
+        description=(
+            "OpenAI-compatible endpoint of the judge, or 'embedded'; default: the teacher's "
+            "endpoint (a judge stronger than the teacher is better, if you have one)."
+        ),
+    )
+    rubric: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_RUBRIC),
+        min_length=1,
+        description=(
+            "Criteria the judge scores from 1 to 10, as name: what a 10 means. Names are "
+            "lowercase letters, digits and underscores (they become score_<name> columns)."
+        ),
+    )
+    min_score: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description=(
+            "Rows whose mean score is under this are rejected (reason low_score, the judge's "
+            "reason kept in rejected.parquet); 0: score without rejecting."
+        ),
+    )
+    max_tokens: int = Field(256, gt=0, description="Token cap of one judge reply.")
+
+    @model_validator(mode="after")
+    def _check_rubric(self) -> JudgeSettings:
+        for name in self.rubric:
+            if not name or not all(c.islower() or c.isdigit() or c == "_" for c in name):
+                raise ValueError(
+                    f"rubric criterion {name!r}: use lowercase letters, digits and underscores "
+                    "(it names a column, score_<name>)"
+                )
+        return self
 
 
 class Recipe(_Strict):
@@ -290,6 +366,7 @@ class Recipe(_Strict):
     training: TrainingSettings = TrainingSettings()
     review: ReviewSettings = ReviewSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    judge: JudgeSettings = JudgeSettings()
 
     @model_validator(mode="after")
     def _check_templates(self) -> Recipe:
