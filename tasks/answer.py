@@ -43,6 +43,19 @@ def build_answer_messages(
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+def student_messages(
+    settings: AnswerSettings, user_context: str, question: str
+) -> list[dict[str, str]]:
+    """System and user turns the student is trained on (`messages`, before the teacher's
+    answer) and asked at evaluation: the answer call's system prompt and `student_user`, which
+    carries no markers of the teacher's prompt (pure)."""
+    system = settings.system.format(user_context=user_context, question=question)
+    if settings.style == "explained":
+        system += EXPLAINED_SUFFIX
+    user = settings.student_user.format(user_context=user_context, question=question)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
 def build_answer_request(recipe: Recipe, user_context: str, question: str) -> ChatRequest:
     messages = build_answer_messages(recipe.answer, user_context, question)
     return ChatRequest(

@@ -41,6 +41,10 @@ DEFAULT_ANSWER_SYSTEM = (
 
 DEFAULT_ANSWER_USER = "# USER CONTEXT\n{user_context}\n\n# QUESTION\n{question}"
 
+# What the student is trained on and asked: the context, then the question, without the markers
+# of the teacher's prompt (a student trained on those would expect them from its users).
+DEFAULT_STUDENT_USER = "{user_context}\n\n{question}"
+
 # Orca-style explanation tuning: the teacher reasons step by step before it answers.
 EXPLAINED_SUFFIX = (
     " Think step by step: first restate what matters in the user context, then reason through the "
@@ -130,6 +134,14 @@ class AnswerSettings(_Strict):
     )
     style: Literal["direct", "explained"] = Field(
         "direct", description="explained: Orca-style, the teacher reasons step by step first."
+    )
+    student_user: str = Field(
+        DEFAULT_STUDENT_USER,
+        description=(
+            "User turn of the training data (`messages`) and of the student's evaluation "
+            "prompts; variables {user_context} and {question}. Plain text, no markers: the "
+            "student is asked the way its users will ask it."
+        ),
     )
 
 
@@ -373,6 +385,9 @@ class Recipe(_Strict):
         _check_template("expansion.prompt", self.expansion.prompt, {"n", "examples"})
         _check_template("answer.system", self.answer.system, {"user_context", "question"})
         _check_template("answer.user", self.answer.user, {"user_context", "question"})
+        _check_template(
+            "answer.student_user", self.answer.student_user, {"user_context", "question"}
+        )
         return self
 
     def content_hash(self) -> str:
