@@ -164,7 +164,10 @@ class SpendLedger:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:  # closing must go on (the engine closes its cache next)
+            logger.warning("spend ledger %s: final sync failed (%s)", self.folder, exc)
 
     def sync(self) -> float:
         """Write this writer's totals, read everyone else's; the others' USD."""

@@ -314,3 +314,16 @@ def test_a_batch_submitted_by_one_worker_is_collected_by_another_not_paid_again(
         assert (call.sent, call.cached) == (0, 8)
         assert [r.content for r in again] == [r.content for r in results]
         assert server.stats.total == stats.total
+
+
+@pytest.mark.s3
+def test_the_cli_refuses_a_missing_bucket_before_the_run_starts(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distillery.flows.cli import EXIT_BAD_INPUT, main
+
+    monkeypatch.delenv("DISTILLERY_CACHE", raising=False)  # main sets it from --cache
+    recipe = str(REPO / "recipes" / "stock-advisor.yaml")
+    assert main(["run", recipe, "--cache", "s3://no-such-bucket/c"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "DISTILLERY_CACHE=s3://no-such-bucket/c: the bucket 'no-such-bucket' does not" in err
