@@ -322,8 +322,10 @@ def test_the_cli_refuses_a_missing_bucket_before_the_run_starts(
 ) -> None:
     from distillery.flows.cli import EXIT_BAD_INPUT, main
 
-    monkeypatch.delenv("DISTILLERY_CACHE", raising=False)  # main sets it from --cache
+    # main() sets DISTILLERY_CACHE from --cache: recorded here, so that it is removed after.
+    monkeypatch.setenv("DISTILLERY_CACHE", str(REPO / "no-cache"))
     recipe = str(REPO / "recipes" / "stock-advisor.yaml")
     assert main(["run", recipe, "--cache", "s3://no-such-bucket/c"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "DISTILLERY_CACHE=s3://no-such-bucket/c: the bucket 'no-such-bucket' does not" in err
+    assert not (REPO / "no-cache").exists()

@@ -341,7 +341,7 @@ class BatchSender:
             # A task cancelled by another call's failure: its chunk is attached next round.
             ended = [t.result() for t in tasks if not t.cancelled()]
             batch_ids += [b.id for b in ended]
-            landed = engine.cache.get_many(list(pending))
+            landed = await engine.cache.aget_many(list(pending))
             self.ledger.forget(list(landed))
             self._land(landed, pending, run, done)
             pending = {k: r for k, r in pending.items() if k not in done}
