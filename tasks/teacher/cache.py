@@ -39,12 +39,11 @@ class CacheError(TeacherError):
 class SharedStore:
     """Create-only objects under one fsspec URI; `name`s are paths relative to it."""
 
-    def __init__(self, uri: str, setting: str = "DISTILLERY_CACHE") -> None:
+    def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/")
-        self._setting = setting
+        self._setting = "DISTILLERY_CACHE"
+        setting = self._setting
         try:
-            # Its own filesystem object: fsspec's instance cache would hand every store the
-            # first one's credentials and session.
             protocol = fsspec.core.split_protocol(self.uri)[0]
             # botocore keeps 10 connections a client by default: fewer than the answers in
             # flight that upload at once, or the GETs of one look-up.
@@ -53,6 +52,8 @@ class SharedStore:
                 if protocol in ("s3", "s3a")
                 else {}
             )
+            # Its own filesystem object: fsspec's instance cache would hand every store the
+            # first one's credentials and session.
             self.fs, root = fsspec.core.url_to_fs(self.uri, skip_instance_cache=True, **options)
         except (ValueError, ImportError) as exc:
             raise CacheError(
