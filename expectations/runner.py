@@ -46,7 +46,7 @@ def with_score_range(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with SCORE_RANGE_COLUMNS, from its judge_scores (if it has them yet)."""
     if "judge_scores" not in frame or SCORE_RANGE_COLUMNS[0] in frame:
         return frame
-    ranges = {
+    ranges: dict[str, Any] = {
         name: [
             None if _missing(s) else pick(int(x["score"]) for x in s) for s in frame["judge_scores"]
         ]
