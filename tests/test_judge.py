@@ -509,3 +509,57 @@ def test_judge_line_and_summary_rows() -> None:
     assert "| judge | requests sent / from cache | 30 / 18 |" in rows
     assert "| judge | rejected: judge_error (no usable verdict) | 2 |" in rows
     assert judge_rows({"enabled": False}) == []
+
+
+def test_refresh_keeps_kept_rows_scores_and_rejudges_when_the_rubric_changes(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    recipe = judged_recipe(workdir)
+    run_flow(teacher, workdir / "out", recipe, examples=30)
+    first, _, _ = published(workdir / "out")
+    teacher.knobs.judge_score = 9  # a verdict asked again now would say 9
+
+    judged = teacher.stats.judged["score"]
+    summary = run_flow(teacher, workdir / "out", recipe, examples=40)
+    rows, _, manifest = published(workdir / "out")
+    assert manifest["refresh"]["kept"] == 30 and len(rows) == 40
+    kept = rows.set_index("id").loc[first["id"]]
+    assert (kept["judge_score"] == 8).all() and (kept["judge_reason"] == "a fair answer").all()
+    new = rows[~rows["id"].isin(first["id"])]
+    assert len(new) == 10 and (new["judge_score"] == 9).all()
+    # Only the new answers were judged.
+    assert teacher.stats.judged["score"] - judged == summary["judge"]["requests_sent"] >= 10
+    assert manifest["judge"]["mean_score"] == pytest.approx((30 * 8 + 10 * 9) / 40)
+
+    # Another rubric: every kept row is judged again; its answer comes from the request cache.
+    rubric = {**JudgeSettings().rubric, "concise": "No padding."}
+    other = judged_recipe(workdir, rubric=rubric)
+    received, judged = teacher.stats.received, teacher.stats.judged["score"]
+    summary = run_flow(teacher, workdir / "out", other, examples=40)
+    rows, _, manifest = published(workdir / "out")
+    assert manifest["refresh"]["reanswered"] == 40
+    assert teacher.stats.judged["score"] - judged == teacher.stats.received - received == 40
+    assert summary["judge"]["requests_sent"] == 40
+    assert all(len(scores) == 6 for scores in rows["judge_scores"])
+    assert (rows["judge_score"] == 9).all()
+
+
+def test_a_version_from_before_the_judge_reads_as_not_judged(tmp_path: Path) -> None:
+    from test_validate import make_rows
+
+    from distillery.tasks.record import JUDGE_COLUMNS, RECORD_COLUMNS
+    from distillery.tasks.refresh import read_latest
+
+    folder = tmp_path / "stock-advisor" / "v1"
+    folder.mkdir(parents=True)
+    rows = make_rows(4)
+    old = [c for c in RECORD_COLUMNS if c not in JUDGE_COLUMNS]
+    for split in ("train", "validation"):
+        rows[old].to_parquet(folder / f"{split}.parquet")
+    (folder / "manifest.json").write_text("{}")
+    (tmp_path / "stock-advisor" / "LATEST").write_text("v1")
+    previous = read_latest(str(tmp_path), "stock-advisor")
+    assert previous is not None
+    assert list(previous.rows.columns) == RECORD_COLUMNS
+    assert previous.rows[JUDGE_COLUMNS].isna().all().all()
+    assert previous.rows["judge_scores"].map(lambda s: s is None).all()
