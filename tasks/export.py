@@ -69,6 +69,10 @@ WRITE_ROWS = 10_000
 
 
 def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    # A nullable column the frame lacks is null (the judge's, of rows nothing judged).
+    missing = [f.name for f in schema if f.nullable and f.name not in frame.columns]
+    if missing:
+        frame = frame.assign(**dict.fromkeys(missing))
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
