@@ -23,6 +23,7 @@ from distillery.tasks.teacher import (
     ChatRequest,
     ChatResult,
     TeacherEndpoint,
+    TeacherError,
     api_key_for,
     get_engine,
     retry_worthwhile,
@@ -70,7 +71,7 @@ def judge_endpoint(recipe: Recipe, teacher: TeacherEndpoint) -> TeacherEndpoint:
     cfg = recipe.judge
     if cfg.base_url == "embedded" or (cfg.base_url is None and teacher.embedded):
         if cfg.model is not None:
-            raise ValueError(
+            raise TeacherError(
                 f"judge.model {cfg.model!r}: the embedded judge serves the embedded teacher's "
                 "GGUF file, under its own name; remove judge.model, or set judge.base_url to "
                 "the endpoint that serves that model."

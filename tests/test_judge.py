@@ -24,7 +24,7 @@ from distillery.tasks.judge import (
     score_request,
 )
 from distillery.tasks.recipe import JudgeSettings, Recipe, Seed, TeacherSettings
-from distillery.tasks.teacher import ChatRequest, ChatResult, TeacherEndpoint
+from distillery.tasks.teacher import ChatRequest, ChatResult, TeacherEndpoint, TeacherError
 from distillery.tasks.validate import ValidationFailed
 from fake_teacher import JUDGE_MARKER, FakeTeacher, Knobs
 
@@ -198,7 +198,7 @@ def test_judge_endpoint_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_judge_endpoint_refuses_a_model_for_the_embedded_judge() -> None:
     embedded = TeacherEndpoint(model="smol", base_url=None, embedded=True)
-    with pytest.raises(ValueError, match=r"remove judge\.model"):
+    with pytest.raises(TeacherError, match=r"remove judge\.model"):
         judge_endpoint(_recipe(model="gpt-4o"), embedded)
 
 
@@ -563,3 +563,34 @@ def test_a_version_from_before_the_judge_reads_as_not_judged(tmp_path: Path) -> 
     assert list(previous.rows.columns) == RECORD_COLUMNS
     assert previous.rows[JUDGE_COLUMNS].isna().all().all()
     assert previous.rows["judge_scores"].map(lambda s: s is None).all()
+
+
+def test_judge_requests_go_through_the_batch_api_in_batch_mode(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fake_openai_batches import FakeOpenAIBatches
+    from fake_openai_batches import Knobs as BatchKnobs
+
+    for name, value in {
+        "OPENAI_API_KEY": "test-key",
+        "DISTILLERY_BATCH": "1",
+        "DISTILLERY_BATCH_POLL_INTERVAL_S": "0.05",
+        "DISTILLERY_BATCH_MAX_POLL_INTERVAL_S": "0.2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    with FakeOpenAIBatches(BatchKnobs(api_key="test-key", batch_seconds=0.3)) as server:
+        summary = distill(
+            recipe=judged_recipe(workdir),
+            examples=10,  # the 10 seeds: answers, then their verdicts, no expansion
+            output=str(workdir / "out"),
+            teacher_model="gpt-4o-mini",
+            teacher_base_url=server.base_url,
+            answer_batch_size=5,
+            train=False,
+        )
+        stats = server.stats
+    rows, _, manifest = published(workdir / "out")
+    assert len(rows) == 10 and (rows["judge_score"] == 8).all()
+    assert stats.rows_submitted == stats.rows_answered == 20  # 10 answers + 10 verdicts
+    assert summary["judge"]["requests_sent"] == 10
+    assert manifest["tokens"]["requests_sent"] == 20
