@@ -210,7 +210,7 @@ def _json_object(text: str) -> dict[str, Any] | None:
         candidates.append(stripped[start : end + 1])
     for candidate in candidates:
         try:
-            # strict=False: llama.cpp's grammar lets a raw newline into a string (STACK-NOTES).
+            # strict=False: llama.cpp's grammar can let a raw newline into a string.
             data = json.loads(candidate, strict=False)
         except json.JSONDecodeError:
             continue
