@@ -261,7 +261,9 @@ def parse_scores(reply: str | ChatResult, settings: JudgeSettings) -> Scores | J
     reason: Any
     if data is not None:
         nested = data.get("scores")
-        raw = nested if isinstance(nested, dict) else data
+        found = nested if isinstance(nested, dict) else data
+        # "Uses Context" or "USES_CONTEXT" name the criterion uses_context too.
+        raw = {str(k).strip().lower().replace(" ", "_"): v for k, v in found.items()}
         reason = data.get("reason", "")
     else:
         fields = _text_fields(text)

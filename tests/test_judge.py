@@ -95,7 +95,7 @@ def test_parse_scores_json_form() -> None:
 def test_parse_scores_tolerates_fences_flat_keys_and_raw_newlines() -> None:
     fenced = '```json\n{"uses_context": 10, "safe": "3", "reason": "one\nline"}\n```'
     assert parse_scores(fenced, SETTINGS) == Scores({"uses_context": 10, "safe": 3}, "one line")
-    chatty = 'Here is my verdict: {"scores": {"uses_context": 4, "safe": 5.0}, "reason": "ok"}'
+    chatty = 'Here is my verdict: {"scores": {"Uses Context": 4, "SAFE": 5.0}, "reason": "ok"}'
     assert parse_scores(chatty, SETTINGS) == Scores({"uses_context": 4, "safe": 5}, "ok")
 
 
