@@ -399,6 +399,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     if summary.get("diversity"):
         print(f"diversity: {diversity_line(summary['diversity'])}")
+    if (summary.get("judge") or {}).get("enabled"):
+        from distillery.tasks.judge import judge_line
+
+        print(f"judge: {judge_line(summary['judge'])}")
     for stage in ("expansion", "answer"):
         rejects = summary[f"{stage}_rejects"]
         if rejects:

@@ -336,7 +336,7 @@ class JudgeSettings(_Strict):
         min_length=1,
         description=(
             "Criteria the judge scores from 1 to 10, as name: what a 10 means. Names are "
-            "lowercase letters, digits and underscores (they become score_<name> columns)."
+            "lowercase letters, digits and underscores (the criteria of the judge_scores column)."
         ),
     )
     min_score: float = Field(
@@ -349,6 +349,24 @@ class JudgeSettings(_Strict):
         ),
     )
     max_tokens: int = Field(256, gt=0, description="Token cap of one judge reply.")
+    min_mean_score: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description=(
+            "Validation: the published rows' mean judge score must be at least this, else the "
+            "run fails before publishing (the GX suite); 0: reported, not checked."
+        ),
+    )
+    max_low_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description=(
+            "Validation: the largest share of the judged rows whose mean score is under "
+            "min_score (the GX suite; they are rejected either way)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_rubric(self) -> JudgeSettings:
@@ -356,7 +374,12 @@ class JudgeSettings(_Strict):
             if not name or not all(c.islower() or c.isdigit() or c == "_" for c in name):
                 raise ValueError(
                     f"rubric criterion {name!r}: use lowercase letters, digits and underscores "
-                    "(it names a column, score_<name>)"
+                    "(it names a criterion of the judge_scores column)"
+                )
+            if name == "reason":
+                raise ValueError(
+                    "rubric criterion 'reason': the judge's verdict has a reason of its own; "
+                    "name the criterion otherwise (e.g. reasoning)"
                 )
         return self
 
