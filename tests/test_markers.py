@@ -271,3 +271,26 @@ def test_a_changed_student_user_republishes_the_turns_without_asking_the_teacher
     assert {c["messages"][1]["content"] for c in chats} == {
         m[1]["content"] for m in rows["messages"]
     }
+
+
+def test_the_terminal_shows_the_plain_validation_question(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from distillery.flows.cli import _print_training
+
+    turn = student_messages(
+        AnswerSettings(),
+        "I am 67 and retired with a $480,000 IRA. " * 8,
+        "Should I buy dividend stocks?",
+    )[1]["content"]
+    outcome = {
+        "backend": "local",
+        "status": "succeeded",
+        "metrics": {"samples": [{"question": turn, "before": "b", "after": "a", "teacher": "t"}]},
+    }
+
+    _print_training(outcome)
+
+    out = capsys.readouterr().out
+    assert "validation question 1: Should I buy dividend stocks?\n" in out
+    assert "USER CONTEXT" not in out and "QUESTION" not in out
