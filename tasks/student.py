@@ -341,23 +341,23 @@ def fit_to_length(
     prompt whole, as SFT does; a prompt that alone fills the window is refused.
     """
 
-    def length(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def length(chat: Chat, prompt: bool = False) -> int:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+        return len(tokenizer(str(text), add_special_tokens=False)["input_ids"])
 
     fitted: list[Chat] = []
     for number, chat in enumerate(chats, start=1):
-        full = length(tokenizer.apply_chat_template(chat, tokenize=False))
+        full = length(chat)
         if full <= max_length:
             fitted.append(chat)
             continue
-        prompt = length(
-            tokenizer.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
-        )
+        prompt = length(chat[:-1], prompt=True)
         answer = tokenizer(chat[-1]["content"], add_special_tokens=False)["input_ids"]
         keep = max_length - (full - len(answer))  # the template's own tokens stay
         while keep > 0:
-            cut = [*chat[:-1], {"role": "assistant", "content": tokenizer.decode(answer[:keep])}]
-            if length(tokenizer.apply_chat_template(cut, tokenize=False)) <= max_length:
+            text = str(tokenizer.decode(answer[:keep]))
+            cut: Chat = [*chat[:-1], {"role": "assistant", "content": text}]
+            if length(cut) <= max_length:
                 fitted.append(cut)
                 break
             keep -= 1
@@ -392,7 +392,7 @@ def _gkd_trainer(
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    class Trainer(GKDTrainer):  # type: ignore[misc]
+    class Trainer(GKDTrainer):
         def compute_loss(
             self,
             model: Any,
