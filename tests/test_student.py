@@ -175,8 +175,8 @@ def test_gkd_distils_the_half_depth_student_from_the_full_model(tmp_path: Path, 
         *(sys.executable, "-m", "distillery.tasks.student", "--method", "gkd"),
         *("--train", str(train), "--validation", str(validation), "--output", str(out)),
         *("--max-steps", "2", "--batch-size", "2", "--max-length", "128", "--samples", "1"),
-        # One step on the student's own sampled answer, one on the dataset's (seeded).
-        *("--gkd-lmbda", "0.5", "--threads", "1"),
+        # The defaults a recipe's `method: gkd` gets: forward KL on the dataset's answers.
+        *("--threads", "1"),
     ]
     env = {**os.environ, "DISTILLERY_MODEL_CACHE": str(model_cache)}
 
@@ -193,7 +193,7 @@ def test_gkd_distils_the_half_depth_student_from_the_full_model(tmp_path: Path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "gkd"
     assert metrics["steps"] == 2
-    assert metrics["hyperparameters"]["gkd_lmbda"] == 0.5
+    assert metrics["hyperparameters"]["gkd_lmbda"] == 0.0
     assert metrics["hyperparameters"]["gkd_beta"] == 0.0
     # The losses are the divergence from the teacher (non-negative) at each step ...
     assert [p["step"] for p in metrics["train_loss"]] == [1, 2]
