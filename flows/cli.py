@@ -252,7 +252,10 @@ def _print_training(outcome: dict[str, Any]) -> int:
         print(f"validation loss: {before:.4f} before, {after:.4f} after training ({verdict})")
     samples = (outcome.get("metrics") or {}).get("samples") or []
     for i, sample in enumerate(samples, 1):
-        print(f"\nvalidation question {i}: {_short(sample.get('question'), 300)}")
+        # The sample's user turn is answer.student_user: by default the context, a blank line and
+        # the question; the question is what a reader needs (the context would fill the line).
+        question = str(sample.get("question") or "").rsplit("\n\n", 1)[-1]
+        print(f"\nvalidation question {i}: {_short(question, 300)}")
         for who in ("before", "after", "teacher"):
             print(f"  {who:>7}: {_short(sample.get(who), 240)}")
     return 0 if outcome["status"] == "succeeded" else EXIT_FAILED

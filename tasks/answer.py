@@ -23,7 +23,8 @@ from distillery.tasks.teacher import (
 )
 
 # Bump when message building or judging changes, so Prefect's cache of this stage turns over.
-ANSWER_VERSION = "1"
+# 2: `messages` holds the student's turns (student_messages), not the teacher's prompt.
+ANSWER_VERSION = "2"
 
 _REFUSAL = re.compile(
     r"^\s*(?:I'?m sorry|I am sorry|I apologi[sz]e|I can(?:no|')t (?:help|assist|provide)|"
@@ -54,6 +55,16 @@ def student_messages(
         system += EXPLAINED_SUFFIX
     user = settings.student_user.format(user_context=user_context, question=question)
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def training_messages(
+    settings: AnswerSettings, user_context: str, question: str, answer: str
+) -> list[dict[str, str]]:
+    """One row's `messages`: the student's turns and the teacher's answer (pure)."""
+    return [
+        *student_messages(settings, user_context, question),
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def build_answer_request(recipe: Recipe, user_context: str, question: str) -> ChatRequest:
@@ -110,11 +121,12 @@ def run_answers(
     replies, stats = engine.complete(requests, f"answer {label}")
     out: list[dict[str, Any]] = []
     rejects: Counter[str] = Counter()
-    for req, reply in zip(requests, replies, strict=True):
+    for ctx, q, reply in zip(inputs["user_context"], inputs["question"], replies, strict=True):
         verdict = judge_answer(reply, recipe.validation)
         answer = reply.content.strip()
-        messages = [{"role": r, "content": c} for r, c in req.messages]
-        messages.append({"role": "assistant", "content": answer})
+        # The teacher was asked with its own prompt (markers and all); the student is trained
+        # on the turns its users will write.
+        messages = training_messages(recipe.answer, ctx, q, answer)
         if verdict is not None:
             rejects[verdict[0]] += 1
         out.append(

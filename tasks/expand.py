@@ -38,7 +38,7 @@ from distillery.tasks.teacher import (
 logger = logging.getLogger("distillery.expand")
 
 # Bump when the prompt building or parsing changes, so Prefect's cache of this stage turns over.
-EXPANSION_VERSION = "4"
+EXPANSION_VERSION = "5"
 
 # Expansion requests take a free slot before answer requests queued earlier: their replies are
 # the inputs that keep the answer stage busy (tasks.teacher.pacing.Slots).
@@ -85,13 +85,17 @@ def build_expansion_request(recipe: Recipe, shown: list[tuple[str, str]], n: int
     )
 
 
+# A field marker as the prompt writes it ("# USER CONTEXT 1") or as models echo it back:
+# "## Question 2:", "**User context 3:**", "QUESTION 1:".
+_HEAD = r"(?:#+|\*\*)\s*"
+_TAIL = r"\s*\d*\s*:?\s*(?:\*\*)?\s*:?"
 _TEXT_FORM = re.compile(
-    r"#+\s*user\s+context\s*\d*\s*:?\s*\n?(?P<ctx>.*?)#+\s*question\s*\d*\s*:?\s*\n?(?P<q>.*?)"
-    r"(?=#+\s*user\s+context|\Z)",
+    rf"{_HEAD}user\s+context{_TAIL}\s*\n?(?P<ctx>.*?){_HEAD}question{_TAIL}\s*\n?(?P<q>.*?)"
+    rf"(?={_HEAD}user\s+context|\Z)",
     re.IGNORECASE | re.DOTALL,
 )
 _LEADING_NOISE = re.compile(
-    r"^\s*(?:#+\s*(?:user\s+context|question)\s*\d*\s*:?|(?:user\s+context|question)\s*\d*\s*:|"
+    rf"^\s*(?:{_HEAD}(?:user\s+context|question){_TAIL}|(?:user\s+context|question)\s*\d*\s*:|"
     # Numbering ("1.", "2)") and bullets ("-", "*") only when white space follows: "2.5% of my
     # salary", "1.5 million" and "-20%" are numbers, not formatting.
     r"\d{1,3}[.)](?=\s)|[-*](?=\s))\s*",

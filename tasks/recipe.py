@@ -161,11 +161,13 @@ class ValidationSettings(_Strict):
 
 
 class LocalTraining(_Strict):
-    method: Literal["lora", "layers"] = Field(
+    method: Literal["lora", "layers", "gkd"] = Field(
         "lora",
         description=(
             "lora: LoRA (r=16) on the 135M student; layers: full fine-tune of a half-depth "
-            "student that keeps every other decoder layer."
+            "student that keeps every other decoder layer; gkd: that half-depth student "
+            "distilled from the full 135M model's token distributions (white-box, TRL's GKD; "
+            "the teacher shares the student's vocabulary)."
         ),
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the train split.")

@@ -15,6 +15,11 @@ The rules (README, "Nightly refresh"):
   generated rows too close to an item are dropped (rejected.parquet, reason `contaminated`) and
   replaced. The previous version's reference answers are reused while the items and the answer
   fingerprint are the same; else the items are answered again.
+- Kept rows get their `messages` built anew from their input and answer with the recipe's
+  student turns (`answer.student_user`): a version written before the student turns lost the
+  teacher prompt's markers, or before `student_user` changed, is published again with the new
+  turns (its content fingerprint changes), without one teacher request: the answers themselves
+  do not depend on `student_user`, so it is not part of the answer fingerprint.
 - Lowering the target deletes nothing; `--from-scratch` (refresh=False) rebuilds from the seeds.
 - A version whose content (ids, answers, messages, splits) equals LATEST's is not published.
 """
@@ -34,6 +39,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from distillery.tasks.answer import training_messages
 from distillery.tasks.evaluation import EVAL_FILE, contamination_for, eval_inputs
 from distillery.tasks.expand import seed_inputs
 from distillery.tasks.export import read_text
@@ -101,7 +107,8 @@ def answer_fingerprint(
     themselves come from the request cache)."""
     t = recipe.teacher
     basis: dict[str, Any] = {
-        "answer": recipe.answer.model_dump(),
+        # student_user shapes the training turns only, never what the teacher is asked.
+        "answer": recipe.answer.model_dump(exclude={"student_user"}),
         "model": endpoint.model,
         "sampling": {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": t.max_tokens},
     }
@@ -226,7 +233,7 @@ def plan_refresh(
     dropped = int(drop.sum())
     contaminated = _contaminated(recipe, previous, rows[~drop])
     drop |= rows.index.isin(contaminated.index)
-    kept = rows[~drop].reset_index(drop=True)
+    kept = with_student_turns(recipe, rows[~drop].reset_index(drop=True))
     answer_changed = previous.manifest.get("answer_fingerprint") != fingerprint
     # The previous reference answers hold while the items and the answer fingerprint do.
     eval_kept = previous.evaluation
@@ -307,6 +314,18 @@ def _contaminated(recipe: Recipe, previous: Previous, rows: pd.DataFrame) -> pd.
             previous.version,
         )
     return found
+
+
+def with_student_turns(recipe: Recipe, rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows` with `messages` rebuilt from their input and answer with the recipe's student turns
+    (a version of an earlier format held the teacher's prompt there, markers and all)."""
+    messages = [
+        training_messages(recipe.answer, ctx, q, answer)
+        for ctx, q, answer in zip(
+            rows["user_context"], rows["question"], rows["answer"], strict=True
+        )
+    ]
+    return rows.assign(messages=pd.Series(messages, index=rows.index, dtype=object))
 
 
 def previous_rows_empty() -> pd.DataFrame:

@@ -24,12 +24,24 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTTrainer
 
-METHODS = ("lora", "layers")
+METHODS = ("lora", "layers", "gkd")
 DEFAULT_METHOD = "lora"
 # Defaults sized for ~40 rows in a few minutes on 2 CPU cores. Measured on 25 teacher rows: one
 # LoRA epoch at 1e-3 lowered the held-out loss 1.64 -> 1.53 in 155 s; two epochs at 2e-4 took
-# 429 s for 1.62 -> 1.54. Full fine-tuning moves every weight, so it takes a smaller step.
-DEFAULT_LEARNING_RATE = {"lora": 1e-3, "layers": 5e-4}
+# 429 s for 1.62 -> 1.54. Full fine-tuning moves every weight, so it takes a smaller step (gkd
+# fine-tunes the same half-depth student as layers does).
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "layers": 5e-4, "gkd": 5e-4}
+# GKD (Agarwal et al. 2024, TRL's experimental GKDTrainer): the share of steps trained on the
+# student's own sampled answers (lmbda; the rest on the dataset's) and the generalised
+# Jensen-Shannon interpolation (beta: 0 forward KL, 1 reverse KL). Off-policy forward KL by
+# default: the half-depth student starts broken (cross-entropy ~13 on the teacher's answers), so
+# its own samples are noise to learn from, and the JSD saturates near ln 2 when the two
+# distributions barely overlap. Measured (README, "Training backends"), 10 steps: forward KL on
+# the dataset's answers took the held-out loss 13.1 -> 7.1; TRL's defaults (0.5, 0.5) 13.1 ->
+# 51.4, the student collapsed into repeating one word. Raise lmbda for a student that already
+# answers sensibly.
+DEFAULT_GKD_LMBDA = 0.0
+DEFAULT_GKD_BETA = 0.0
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_NEW_TOKENS = 96
 
@@ -237,6 +249,34 @@ def step_reporter(history: list[dict[str, float]]) -> TrainerCallback:
     return StepReporter()
 
 
+def _training_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainingArguments every method shares (SFTConfig and GKDConfig take them alike)."""
+    return {
+        "output_dir": str(args.output / "trainer"),
+        "num_train_epochs": args.epochs,
+        "max_steps": args.max_steps if args.max_steps is not None else -1,
+        "per_device_train_batch_size": args.batch_size,
+        "per_device_eval_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "seed": args.seed,
+        "max_length": args.max_length,
+        # TRL's GPU defaults; on CPU bf16 autocast is slow and checkpointing only costs time.
+        # (`activation_checkpointing` is transformers 5's name for `gradient_checkpointing`.)
+        "bf16": False,
+        "activation_checkpointing": False,
+        "use_cpu": True,
+        "logging_steps": 1,
+        # A few minutes of training: a mid-run checkpoint would cost more than a rerun saves.
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
 def build_trainer(
     args: argparse.Namespace,
     model: PreTrainedModel,
@@ -245,37 +285,35 @@ def build_trainer(
     validation: list[Chat],
     history: list[dict[str, float]],
 ) -> SFTTrainer:
+    from transformers import PrinterCallback
+
+    if args.method == "gkd":
+        trainer = _gkd_trainer(args, model, tokenizer, train, validation, history)
+    else:
+        trainer = _sft_trainer(args, model, tokenizer, train, validation, history)
+    # stdout carries only our JSON events; the Trainer would print its log dicts there too.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _sft_trainer(
+    args: argparse.Namespace,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Chat],
+    validation: list[Chat],
+    history: list[dict[str, float]],
+) -> SFTTrainer:
+    """lora and layers: supervised fine-tuning on the teacher's answers (the loss on them only)."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
-        output_dir=str(args.output / "trainer"),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps if args.max_steps is not None else -1,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
+        **_training_arguments(args),
         # Rows of similar length share a batch: less padding, and padding is pure cost on CPU.
         train_sampling_strategy="group_by_length",
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        seed=args.seed,
-        max_length=args.max_length,
         completion_only_loss=True,
-        # TRL's GPU defaults; on CPU bf16 autocast is slow and checkpointing only costs time.
-        # (`activation_checkpointing` is transformers 5's name for `gradient_checkpointing`.)
-        bf16=False,
-        activation_checkpointing=False,
-        use_cpu=True,
-        logging_steps=1,
-        # A few minutes of training: a mid-run checkpoint would cost more than a rerun saves.
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     peft_config = (
         LoraConfig(
@@ -288,7 +326,7 @@ def build_trainer(
         if args.method == "lora"
         else None
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(prompt_completion(train)),
@@ -297,9 +335,112 @@ def build_trainer(
         peft_config=peft_config,
         callbacks=[step_reporter(history)],
     )
-    # stdout carries only our JSON events; the Trainer would print its log dicts there too.
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+
+
+def fit_to_length(
+    chats: list[Chat], tokenizer: PreTrainedTokenizerBase, max_length: int, split: str
+) -> list[Chat]:
+    """`chats` with each answer cut so that the rendered conversation fits in `max_length` tokens.
+
+    SFTTrainer cuts a long row's end itself; TRL's ChatML collator (GKD's) keeps the last
+    tokens instead, and fails when that leaves no prompt. Cutting the answer here keeps the
+    prompt whole, as SFT does; a prompt that alone fills the window is refused.
+    """
+
+    def length(chat: Chat, prompt: bool = False) -> int:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+        return len(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+    fitted: list[Chat] = []
+    for number, chat in enumerate(chats, start=1):
+        full = length(chat)
+        if full <= max_length:
+            fitted.append(chat)
+            continue
+        prompt = length(chat[:-1], prompt=True)
+        answer = tokenizer(chat[-1]["content"], add_special_tokens=False)["input_ids"]
+        keep = max_length - (full - len(answer))  # the template's own tokens stay
+        while keep > 0:
+            text = str(tokenizer.decode(answer[:keep]))
+            cut: Chat = [*chat[:-1], {"role": "assistant", "content": text}]
+            if length(cut) <= max_length:
+                fitted.append(cut)
+                break
+            keep -= 1
+        else:
+            raise InputError(
+                f"{split} row {number}: its prompt alone takes {prompt} of the --max-length "
+                f"{max_length} tokens; raise --max-length (training.local.max_length)"
+            )
+    return fitted
+
+
+def _gkd_trainer(
+    args: argparse.Namespace,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Chat],
+    validation: list[Chat],
+    history: list[dict[str, float]],
+) -> SFTTrainer:
+    """gkd: white-box distillation of the half-depth student from the full 135M model.
+
+    The teacher is the Hugging Face conversion of the shipped GGUF, the model that wrote the
+    dataset's answers, so it shares the student's vocabulary and the loss can compare its whole
+    next-token distribution with the student's (generalised JSD), not only the sampled answer.
+    The student is the half-depth copy (`layers`) fine-tuned in full: LoRA on the full model
+    would start as the teacher itself (zero divergence, nothing to learn), while the half-depth
+    copy lost half its layers and learns their behaviour back from the teacher's distributions.
+    The answers are the teacher's samples already, so seq_kd (the teacher sampling anew) is off.
+    """
+    # We chose the experimental API knowingly (its instability warning would only clutter stderr).
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class Trainer(GKDTrainer):
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            """Training: GKD's divergence from the teacher. Evaluation: the student's
+            cross-entropy on the teacher's answers, as lora and layers report it, so the
+            eval_loss of all methods compares."""
+            if model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                labels=inputs["labels"],
+            )
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    train = fit_to_length(train, tokenizer, args.max_length, "train")
+    validation = fit_to_length(validation, tokenizer, args.max_length, "validation")
+    teacher, _ = load(student_dir("lora"))
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    config = GKDConfig(
+        **_training_arguments(args),
+        lmbda=args.gkd_lmbda,
+        beta=args.gkd_beta,
+        seq_kd=False,
+        # The on-policy answers: as long as the samples answered before and after training.
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    return Trainer(
+        model=model,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=Dataset.from_list([{"messages": chat} for chat in train]),
+        eval_dataset=Dataset.from_list([{"messages": chat} for chat in validation]),
+        processing_class=tokenizer,
+        callbacks=[step_reporter(history)],
+    )
 
 
 @contextlib.contextmanager
@@ -387,6 +528,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_length": args.max_length,
             "seed": args.seed,
             "threads": args.threads,
+            **(
+                {"gkd_lmbda": args.gkd_lmbda, "gkd_beta": args.gkd_beta}
+                if args.method == "gkd"
+                else {}
+            ),
         },
         "steps": steps,
         "epochs": trainer.state.epoch,
@@ -426,8 +572,9 @@ def _parser() -> argparse.ArgumentParser:
         "--method",
         choices=METHODS,
         default=DEFAULT_METHOD,
-        help="lora: LoRA r=16 on the 135M model; layers: full fine-tune of a half-depth copy "
-        f"(default {DEFAULT_METHOD})",
+        help="lora: LoRA r=16 on the 135M model; layers: full fine-tune of a half-depth copy; "
+        "gkd: the half-depth copy distilled from the 135M model's token distributions (TRL "
+        f"GKD) (default {DEFAULT_METHOD})",
     )
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over train (default 1)")
     parser.add_argument(
@@ -447,6 +594,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--samples", type=int, default=3, help="validation questions answered before and after"
+    )
+    parser.add_argument(
+        "--gkd-lmbda",
+        type=float,
+        default=DEFAULT_GKD_LMBDA,
+        help="gkd: share of steps on the student's own sampled answers "
+        f"(default {DEFAULT_GKD_LMBDA})",
+    )
+    parser.add_argument(
+        "--gkd-beta",
+        type=float,
+        default=DEFAULT_GKD_BETA,
+        help=f"gkd: 0 forward KL, 1 reverse KL, between: generalised JSD "
+        f"(default {DEFAULT_GKD_BETA})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the adapters and shuffling")
     parser.add_argument(
@@ -470,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InputError(f"--{name.replace('_', '-')} must be positive")
         if args.samples < 0:
             raise InputError("--samples must be 0 or more")
+        for name in ("gkd_lmbda", "gkd_beta"):
+            if not 0 <= getattr(args, name) <= 1:
+                raise InputError(f"--{name.replace('_', '-')} must be between 0 and 1")
         metrics = run(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
