@@ -41,6 +41,7 @@ from distillery.tasks.export import (
     publish_dataset,
     update_manifest,
 )
+from distillery.tasks.judge import judge_endpoint
 from distillery.tasks.memory import release_freed_memory
 from distillery.tasks.recipe import Recipe, load_recipe, target_size
 from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS
@@ -61,6 +62,7 @@ from distillery.tasks.teacher import (
     get_engine,
 )
 from distillery.tasks.train import train_student
+from distillery.tasks.transfer import report_transfer
 from distillery.tasks.validate import (
     ValidationReport,
     preload_great_expectations,
@@ -678,8 +680,34 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         settings = recipe.training
         if params.train_backend is not None:
             settings = settings.model_copy(update={"backend": params.train_backend})
-        summary["training"] = train_student(published.uri, settings)
+        summary["training"] = train_student(published.uri, settings, recipe.answer)
+        if recipe.evaluation.enabled and summary["training"].get("status") == "succeeded":
+            summary["transfer"] = judge_transfer(
+                recipe, endpoint, gguf, published.uri, summary["training"]
+            )
     return summary
+
+
+def judge_transfer(
+    recipe: Recipe,
+    teacher: TeacherEndpoint,
+    gguf: embedded.Gguf | None,
+    version_uri: str,
+    outcome: dict[str, Any],
+) -> dict[str, Any]:
+    """The transfer report after training; the embedded judge (the teacher by default) is
+    started again for it, since the teacher stages stopped theirs."""
+    judge = judge_endpoint(recipe, teacher)
+    with teacher_session(judge, gguf if judge == teacher else None):
+        report = report_transfer(recipe, judge, version_uri, outcome)
+    outcome["promoted"] = report["gate"] is None or report["gate"]["passed"]
+    artifacts.transfer(recipe, report, version_uri)
+    if report["gate"] is not None and not report["gate"]["passed"]:
+        get_run_logger().warning(
+            "%s: the student is not promoted (the version stays published)",
+            report["gate"]["message"],
+        )
+    return report
 
 
 def waiting_for_batches(
