@@ -336,7 +336,7 @@ class JudgeSettings(_Strict):
         min_length=1,
         description=(
             "Criteria the judge scores from 1 to 10, as name: what a 10 means. Names are "
-            "lowercase letters, digits and underscores (they become score_<name> columns)."
+            "lowercase letters, digits and underscores (the criteria of the judge_scores column)."
         ),
     )
     min_score: float = Field(
@@ -356,7 +356,12 @@ class JudgeSettings(_Strict):
             if not name or not all(c.islower() or c.isdigit() or c == "_" for c in name):
                 raise ValueError(
                     f"rubric criterion {name!r}: use lowercase letters, digits and underscores "
-                    "(it names a column, score_<name>)"
+                    "(it names a criterion of the judge_scores column)"
+                )
+            if name == "reason":
+                raise ValueError(
+                    "rubric criterion 'reason': the judge's verdict has a reason of its own; "
+                    "name the criterion otherwise (e.g. reasoning)"
                 )
         return self
 

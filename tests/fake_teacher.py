@@ -59,6 +59,17 @@ class Knobs:
     # (user_context, question) pairs (a teacher that saw them in training echoes them).
     planted: tuple[tuple[str, str], ...] = ()
     plant_rate: float = 0.0
+    # Judge mode (requests whose system prompt carries JUDGE_MARKER, as tasks/judge.py builds
+    # them): every criterion gets judge_score; an answer containing judge_low_marker gets
+    # judge_low_score; one containing judge_garbage_marker gets a reply that is no verdict.
+    judge_score: int = 8
+    judge_low_marker: str | None = None
+    judge_low_score: int = 2
+    judge_garbage_marker: str | None = None
+    # Pairwise verdicts: "longer" (the longer answer wins, in either order), "first" (answer A
+    # always wins: a judge whose verdicts flip with the order), "longer_if_first" (the longer
+    # answer wins when shown first, else a tie), "tie".
+    judge_pairwise: str = "longer"
 
 
 @dataclass
@@ -77,6 +88,8 @@ class Stats:
     resent_after_answer: int = 0  # requests whose body had already been answered on arrival
     # Requests by the response_format type they asked for ("text": none asked).
     received_by_form: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Judge requests answered, by kind: "score" | "pairwise".
+    judged: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def answered_twice(self) -> int:
@@ -96,6 +109,7 @@ class Stats:
             received_by_body=collections.Counter(self.received_by_body),
             resent_after_answer=self.resent_after_answer,
             received_by_form=collections.Counter(self.received_by_form),
+            judged=collections.Counter(self.judged),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -111,6 +125,7 @@ class Stats:
             "distinct_bodies": len(self.received_by_body),
             "answered_twice": self.answered_twice,
             "resent_after_answer": self.resent_after_answer,
+            "judged": dict(self.judged),
         }
 
 
@@ -715,6 +730,72 @@ def gen_from_schema(
 
 
 # --------------------------------------------------------------------------------------------
+# Judge mode: verdicts by rules the tests set (Knobs.judge_*)
+# --------------------------------------------------------------------------------------------
+
+# tasks/judge.py puts this in the system prompt of every judge request (a test checks they match).
+JUDGE_MARKER = "distillery-judge"
+GARBAGE_VERDICT = "Well, this answer has some good points and some weaker ones overall."
+_CRITERIA = re.compile(r"(?m)^- ([a-z0-9_]+): ")
+
+
+def _tagged(text: str, tag: str) -> str | None:
+    found = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.DOTALL)
+    return found.group(1) if found else None
+
+
+def _system_text(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return ""
+    return " ".join(
+        _content_text(m.get("content"))
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "system"
+    )
+
+
+def judge_reply(body: dict[str, Any], form: Any, knobs: Knobs) -> tuple[str, str, str] | None:
+    """(kind, content, finish_reason) of a judge request, or None for any other request.
+
+    Structured forms (json_schema, json_object) get JSON; a request without response_format
+    gets the verdict as `name: value` lines (the text form tasks/judge.py also reads).
+    """
+    system = _system_text(body.get("messages"))
+    if JUDGE_MARKER not in system:
+        return None
+    user = _last_user_text(body.get("messages"))
+    structured = form in ("json_schema", "json_object")
+    pair = _tagged(user, "answer_a"), _tagged(user, "answer_b")
+    if pair[0] is not None and pair[1] is not None:
+        a, b = pair
+        if knobs.judge_garbage_marker and knobs.judge_garbage_marker in a + b:
+            return "pairwise", GARBAGE_VERDICT, "stop"
+        longer = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+        winner = {
+            "longer": longer,
+            "first": "A",
+            "longer_if_first": "A" if longer == "A" else "tie",
+            "tie": "tie",
+        }[knobs.judge_pairwise]
+        reason = f"rule {knobs.judge_pairwise}: lengths {len(a)} and {len(b)}"
+        if structured:
+            return "pairwise", json.dumps({"winner": winner, "reason": reason}), "stop"
+        return "pairwise", f"Winner: {winner}\nReason: {reason}", "stop"
+    answer = _tagged(user, "answer") or ""
+    if knobs.judge_garbage_marker and knobs.judge_garbage_marker in answer:
+        return "score", GARBAGE_VERDICT, "stop"
+    low = bool(knobs.judge_low_marker and knobs.judge_low_marker in answer)
+    score = knobs.judge_low_score if low else knobs.judge_score
+    reason = "marked as a poor answer" if low else "a fair answer"
+    names = _CRITERIA.findall(system)
+    if structured:
+        verdict = {"scores": dict.fromkeys(names, score), "reason": reason}
+        return "score", json.dumps(verdict), "stop"
+    lines = [f"{name}: {score}/10" for name in names] + [f"reason: {reason}"]
+    return "score", "\n".join(lines), "stop"
+
+
+# --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
 
@@ -1013,7 +1094,13 @@ class _Core:
         try:
             if knobs.latency > 0:
                 await asyncio.sleep(knobs.latency)
-            content, finish = self._content(body, form, response_format, digest, knobs)
+            judged = judge_reply(body, form, knobs)
+            if judged is not None:
+                kind, content, finish = judged
+                with self.lock:
+                    self.stats.judged[kind] += 1
+            else:
+                content, finish = self._content(body, form, response_format, digest, knobs)
         finally:
             await self._release()
 

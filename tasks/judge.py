@@ -1,0 +1,292 @@
+"""LLM-as-judge: the judge's endpoint, its requests (rubric scores, pairwise verdicts) and their
+parsers; pure, shared by the judge stage and the transfer report."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from statistics import fmean
+from typing import Any, Literal
+
+from distillery.tasks.recipe import JudgeSettings, Recipe
+from distillery.tasks.teacher import ChatRequest, ChatResult, TeacherEndpoint, api_key_for
+
+# Bump when a judge prompt, schema or parser changes: the version is part of every judge
+# request's text, so the request cache (and Prefect's cache of the stage) turns over.
+JUDGE_VERSION = "1"
+
+# In the system prompt of every judge request: how a judge request is told apart (the fake
+# teacher in tests/fake_teacher.py looks for it).
+JUDGE_MARKER = "distillery-judge"
+SCORE_SCHEMA_NAME = "judge_scores"
+PAIRWISE_SCHEMA_NAME = "judge_pairwise"
+
+SCORE_MIN, SCORE_MAX = 1, 10
+
+Winner = Literal["A", "B", "tie"]
+
+_REASON_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The judge's verdict on one answer: 1-10 per rubric criterion, and its one-line reason."""
+
+    scores: dict[str, int]
+    reason: str
+
+    @property
+    def mean(self) -> float:
+        return round(fmean(self.scores.values()), 4)
+
+
+@dataclass(frozen=True)
+class JudgeError:
+    """A judge reply that says nothing usable (reason `judge_error`): never a 0, never a pass."""
+
+    message: str
+
+
+def judge_endpoint(recipe: Recipe, teacher: TeacherEndpoint) -> TeacherEndpoint:
+    """Who judges: the teacher's endpoint unless `judge.base_url` / `judge.model` say otherwise;
+    an OpenAI-compatible endpoint is checked for a key, as the teacher's is."""
+    cfg = recipe.judge
+    if cfg.base_url == "embedded" or (cfg.base_url is None and teacher.embedded):
+        if cfg.model is not None:
+            raise ValueError(
+                f"judge.model {cfg.model!r}: the embedded judge serves the embedded teacher's "
+                "GGUF file, under its own name; remove judge.model, or set judge.base_url to "
+                "the endpoint that serves that model."
+            )
+        if teacher.embedded:
+            return teacher
+        from distillery.tasks import embedded  # llama.cpp's helpers, only when asked for
+
+        return embedded.endpoint()
+    if cfg.base_url is None:
+        if cfg.model is None or cfg.model == teacher.model:
+            return teacher
+        return teacher.model_copy(update={"model": cfg.model})
+    endpoint = TeacherEndpoint(
+        model=cfg.model or teacher.model,
+        base_url=cfg.base_url,
+        # Another server: its structured output is learned (json_schema, stepping down on a 4xx).
+        structured_output="auto",
+        price=teacher.price if cfg.base_url == teacher.base_url else None,
+    )
+    api_key_for(endpoint)
+    return endpoint
+
+
+def score_schema(settings: JudgeSettings) -> dict[str, Any]:
+    """JSON schema of a score reply: an integer 1-10 per criterion, and a one-line reason."""
+    # An enum, not minimum/maximum: OpenAI's strict mode and llama.cpp's grammars both take it.
+    score = {"type": "integer", "enum": list(range(SCORE_MIN, SCORE_MAX + 1))}
+    return {
+        "type": "object",
+        "properties": {
+            "scores": {
+                "type": "object",
+                "properties": {name: score for name in settings.rubric},
+                "required": list(settings.rubric),
+                "additionalProperties": False,
+            },
+            "reason": {"type": "string"},
+        },
+        "required": ["scores", "reason"],
+        "additionalProperties": False,
+    }
+
+
+PAIRWISE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "winner": {"type": "string", "enum": ["A", "B", "tie"]},
+        "reason": {"type": "string"},
+    },
+    "required": ["winner", "reason"],
+    "additionalProperties": False,
+}
+
+
+def _system(task: str) -> str:
+    return (
+        "You are an impartial expert judge of answers given to users of a financial advisor. "
+        f"{task} Judge only what the answer says; do not reward length or style for their "
+        f"own sake. [{JUDGE_MARKER} v{JUDGE_VERSION}]"
+    )
+
+
+def _case(user_context: str, question: str) -> str:
+    return (
+        f"<user_context>\n{user_context.strip()}\n</user_context>\n\n"
+        f"<question>\n{question.strip()}\n</question>"
+    )
+
+
+def score_request(
+    settings: JudgeSettings, user_context: str, question: str, answer: str
+) -> ChatRequest:
+    """The judge's scores of one answer, on the rubric (pure)."""
+    rubric = "\n".join(f"- {name}: {text}" for name, text in settings.rubric.items())
+    example = ", ".join(f'"{name}": 7' for name in settings.rubric)
+    system = _system(
+        f"Score the answer from {SCORE_MIN} (worst) to {SCORE_MAX} (best) on each criterion; "
+        f"a {SCORE_MAX} means:\n{rubric}\n"
+        'Reply with only a JSON object: {"scores": {' + example + '}, "reason": "one line: '
+        'the main strength or flaw"}.'
+    )
+    user = f"{_case(user_context, question)}\n\n<answer>\n{answer.strip()}\n</answer>"
+    return ChatRequest(
+        messages=(("system", system), ("user", user)),
+        temperature=0.0,  # deterministic, so a verdict is worth caching
+        top_p=1.0,
+        max_tokens=settings.max_tokens,
+        json_schema=score_schema(settings),
+        schema_name=SCORE_SCHEMA_NAME,
+    )
+
+
+def pairwise_request(
+    settings: JudgeSettings, user_context: str, question: str, answer_a: str, answer_b: str
+) -> ChatRequest:
+    """Which of two answers is better; answer A is shown first (pure)."""
+    rubric = "\n".join(f"- {text}" for text in settings.rubric.values())
+    system = _system(
+        "Compare two answers to the same question and say which is better on these criteria:\n"
+        f"{rubric}\n"
+        "The order in which the answers are shown must not matter. Reply with only a JSON "
+        'object: {"winner": "A" or "B" or "tie", "reason": "one line"}.'
+    )
+    user = (
+        f"{_case(user_context, question)}\n\n"
+        f"<answer_a>\n{answer_a.strip()}\n</answer_a>\n\n"
+        f"<answer_b>\n{answer_b.strip()}\n</answer_b>"
+    )
+    return ChatRequest(
+        messages=(("system", system), ("user", user)),
+        temperature=0.0,
+        top_p=1.0,
+        max_tokens=settings.max_tokens,
+        json_schema=PAIRWISE_SCHEMA,
+        schema_name=PAIRWISE_SCHEMA_NAME,
+    )
+
+
+def _content(reply: str | ChatResult) -> str | JudgeError:
+    if isinstance(reply, str):
+        return reply
+    if reply.finish_reason == "length":
+        return JudgeError(f"the verdict stopped at the max_tokens cap ({reply.completion_tokens})")
+    if reply.refusal:
+        return JudgeError(f"the judge refused: {reply.refusal[:200]}")
+    return reply.content
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """The reply's JSON object: the whole reply, a fenced block, or its outermost {...}."""
+    stripped = re.sub(r"^```\w*\s*|\s*```$", "", text.strip())
+    candidates = [stripped]
+    start, end = stripped.find("{"), stripped.rfind("}")
+    if 0 <= start < end:
+        candidates.append(stripped[start : end + 1])
+    for candidate in candidates:
+        try:
+            # strict=False: llama.cpp's grammar lets a raw newline into a string (STACK-NOTES).
+            data = json.loads(candidate, strict=False)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _REASON_CHARS else line[: _REASON_CHARS - 3] + "..."
+
+
+def _excerpt(text: str) -> str:
+    return repr(_one_line(text)[:120])
+
+
+def _score(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _text_fields(text: str) -> dict[str, str]:
+    """`name: value` lines of a reply in text form (markdown bold and bullets ignored)."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"^[\s*\-#`]*([A-Za-z][\w ]*?)[*`]*\s*[:=]\s*(.+?)\s*$", line)
+        if m:
+            found.setdefault(m.group(1).strip().lower().replace(" ", "_"), m.group(2))
+    return found
+
+
+def parse_scores(reply: str | ChatResult, settings: JudgeSettings) -> Scores | JudgeError:
+    """The scores in a judge reply (JSON, else `criterion: n` lines); a reply without a valid
+    1-10 score for every criterion is a JudgeError (pure)."""
+    text = _content(reply)
+    if isinstance(text, JudgeError):
+        return text
+    data = _json_object(text)
+    raw: dict[str, Any]
+    reason: Any
+    if data is not None:
+        nested = data.get("scores")
+        raw = nested if isinstance(nested, dict) else data
+        reason = data.get("reason", "")
+    else:
+        fields = _text_fields(text)
+        raw = {k: re.sub(r"(?:/\s*10|out of 10)\s*$", "", v).strip() for k, v in fields.items()}
+        reason = fields.get("reason", "")
+    scores: dict[str, int] = {}
+    for name in settings.rubric:
+        if name not in raw:
+            return JudgeError(f"no score for {name} in the verdict {_excerpt(text)}")
+        value = _score(raw[name])
+        if value is None:
+            return JudgeError(f"{name} score {raw[name]!r} is not an integer")
+        if not SCORE_MIN <= value <= SCORE_MAX:
+            return JudgeError(f"{name} score {value} is outside {SCORE_MIN}-{SCORE_MAX}")
+        scores[name] = value
+    return Scores(scores=scores, reason=_one_line(reason) if isinstance(reason, str) else "")
+
+
+_WINNERS: dict[str, Winner] = {
+    "a": "A",
+    "answer_a": "A",
+    "answer a": "A",
+    "b": "B",
+    "answer_b": "B",
+    "answer b": "B",
+    "tie": "tie",
+    "draw": "tie",
+    "equal": "tie",
+}
+
+
+def parse_pairwise(reply: str | ChatResult) -> Winner | JudgeError:
+    """The winner in a pairwise reply (JSON, else a `winner: A` line): "A", "B" or "tie";
+    anything else is a JudgeError (pure)."""
+    text = _content(reply)
+    if isinstance(text, JudgeError):
+        return text
+    data = _json_object(text)
+    raw = data.get("winner") if data is not None else _text_fields(text).get("winner")
+    if not isinstance(raw, str):
+        return JudgeError(f"no winner in the verdict {_excerpt(text)}")
+    winner = _WINNERS.get(raw.strip().strip("\"'*.").lower())
+    if winner is None:
+        return JudgeError(f"winner {raw!r} is none of A, B, tie")
+    return winner
