@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.tasks.answer import student_messages
 from distillery.tasks.evaluation import EVAL_FILE
 from distillery.tasks.export import read_text, update_manifest
-from distillery.tasks.judge import pairwise_request, parse_pairwise
+from distillery.tasks.judge import JudgeError, pairwise_request, parse_pairwise
 from distillery.tasks.recipe import AnswerSettings, JudgeSettings, Recipe
 from distillery.tasks.teacher import CallStats, ChatRequest, TeacherEndpoint, get_engine
 from distillery.tasks.train import DatasetVersion, record_outcome
@@ -334,9 +334,9 @@ def pair_requests(settings: JudgeSettings, pair: Pair) -> tuple[ChatRequest, Cha
 
 def _verdict(reply: Any, trained_is: str) -> tuple[str, str | None]:
     parsed = parse_pairwise(reply)
-    if isinstance(parsed, str) and parsed in ("A", "B", "tie"):
-        return from_trained_side(parsed, trained_is), None
-    return "judge_error", str(parsed)
+    if isinstance(parsed, JudgeError):
+        return "judge_error", parsed.message
+    return from_trained_side(parsed, trained_is), None
 
 
 def judge_pairs(
