@@ -404,7 +404,7 @@ def test_cli_run_trains_reports_the_transfer_and_exits_1_below_the_gate(
     data["evaluation"] = {"eval_seeds": EVAL_ITEMS[:3], "min_win_rate_vs_base": 0.9}
     data["training"] = {
         "backend": "local",
-        "local": {"max_steps": 1, "batch_size": 2, "max_length": 128, "samples": 0},
+        "local": {"max_steps": 1, "batch_size": 2, "samples": 0},
     }
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
