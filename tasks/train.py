@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pandas as pd
+import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from distillery.tasks.answer import student_messages
+from distillery.tasks.evaluation import EVAL_FILE
 from distillery.tasks.export import read_text, update_manifest
 from distillery.tasks.recipe import AnswerSettings, TrainingSettings
 from distillery.tasks.student import EVAL_ANSWERS
@@ -116,17 +120,25 @@ def _student_command(
     return command
 
 
+def eval_items(version_uri: str) -> pd.DataFrame | None:
+    """The version's evaluation set (evaluation/eval.parquet), or None when it has none."""
+    fs, root = fsspec.core.url_to_fs(version_uri)
+    path = posixpath.join(root, EVAL_FILE)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pandas()
+
+
 def write_eval_prompts(version: DatasetVersion, answer: AnswerSettings, dest: Path) -> bool:
     """The version's evaluation items as the student is asked them (JSONL of {id, messages});
     False when the version has no evaluation set."""
-    from distillery.tasks.transfer import eval_items, student_prompt
-
     items = eval_items(version.uri)
     if items is None:
         return False
     with dest.open("w", encoding="utf-8") as f:
         for item in items.itertuples():
-            messages = student_prompt(answer, str(item.user_context), str(item.question))
+            messages = student_messages(answer, str(item.user_context), str(item.question))
             f.write(json.dumps({"id": item.id, "messages": messages}) + "\n")
     return True
 

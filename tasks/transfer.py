@@ -18,12 +18,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillery.tasks.answer import student_messages
-from distillery.tasks.evaluation import EVAL_FILE
 from distillery.tasks.export import read_text, update_manifest
 from distillery.tasks.judge import JudgeError, pairwise_request, parse_pairwise
 from distillery.tasks.recipe import AnswerSettings, JudgeSettings, Recipe
 from distillery.tasks.teacher import CallStats, ChatRequest, TeacherEndpoint, get_engine
-from distillery.tasks.train import DatasetVersion, record_outcome
+from distillery.tasks.train import DatasetVersion, eval_items, record_outcome
 
 # Per-item verdicts, beside the evaluation set in the version.
 TRANSFER_FILE = "evaluation/transfer.parquet"
@@ -197,16 +196,6 @@ class StudentAnswers:
     base_model: str
     trained_model: str
     stats: CallStats = field(default_factory=CallStats)  # requests behind them (API students)
-
-
-def eval_items(version_uri: str) -> pd.DataFrame | None:
-    """The version's evaluation set (evaluation/eval.parquet), or None when it has none."""
-    fs, root = fsspec.core.url_to_fs(version_uri)
-    path = posixpath.join(root, EVAL_FILE)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pandas()
 
 
 def student_prompt(
