@@ -350,6 +350,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, measure, train, measure again, save and reload; returns metrics.json's content."""
     train = read_chats(args.train, "train")
     validation = read_chats(args.validation, "validation")
+    # The held-out evaluation items (ids and prompts), answered by the student before and after
+    # training for the transfer report (tasks/transfer.py); none without --eval-prompts.
+    eval_ids, eval_prompts = read_eval_prompts(args.eval_prompts) if args.eval_prompts else ([], [])
     args.output.mkdir(parents=True, exist_ok=True)
 
     # Progress is ours to report, as JSON lines; the libraries' tqdm bars (some of which ignore
@@ -367,9 +370,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     samples = validation[: args.samples]
     sample_prompts = [chat[:-1] for chat in samples]
-    # The held-out evaluation items (ids and prompts), answered by the student before and after
-    # training for the transfer report (tasks/transfer.py); none without --eval-prompts.
-    eval_ids, eval_prompts = read_eval_prompts(args.eval_prompts) if args.eval_prompts else ([], [])
     history: list[dict[str, float]] = []
 
     with phase("convert", seconds, method=args.method):

@@ -21,7 +21,15 @@ from distillery.tasks.answer import student_messages
 from distillery.tasks.export import read_text, update_manifest
 from distillery.tasks.judge import JudgeError, pairwise_request, parse_pairwise
 from distillery.tasks.recipe import AnswerSettings, JudgeSettings, Recipe
-from distillery.tasks.teacher import CallStats, ChatRequest, TeacherEndpoint, get_engine
+from distillery.tasks.teacher import (
+    BudgetExceeded,
+    CallStats,
+    ChatRequest,
+    TeacherEndpoint,
+    TeacherError,
+    TeacherUnavailable,
+    get_engine,
+)
 from distillery.tasks.train import DatasetVersion, eval_items, record_outcome
 
 # Per-item verdicts, beside the evaluation set in the version.
@@ -438,6 +446,23 @@ def record_report(version_uri: str, report: dict[str, Any], outcome: dict[str, A
     record_outcome(version, outcome)
 
 
+def judge_students(
+    recipe: Recipe,
+    judge: TeacherEndpoint,
+    version_uri: str,
+    outcome: dict[str, Any],
+    items: pd.DataFrame,
+) -> dict[str, Any]:
+    """The students' answers, judged; the verdicts written beside the evaluation set."""
+    minimum = recipe.evaluation.min_win_rate_vs_base
+    answers = student_answers(outcome, items, recipe.answer)
+    if isinstance(answers, str):
+        return unavailable(answers, minimum)
+    frame, stats = judge_pairs(recipe.judge, judge, pairs(items, answers))
+    write_verdicts(version_uri, frame)
+    return transfer_report(frame, judge, answers, stats, minimum)
+
+
 def run_transfer(
     recipe: Recipe,
     judge: TeacherEndpoint,
@@ -451,14 +476,11 @@ def run_transfer(
     if items is None or not len(items):
         report = unavailable("the version has no evaluation set (evaluation/eval.parquet)", minimum)
     else:
-        answers = student_answers(outcome, items, recipe.answer)
-        if isinstance(answers, str):
-            report = unavailable(answers, minimum)
-        else:
-            todo = pairs(items, answers)
-            frame, stats = judge_pairs(recipe.judge, judge, todo)
-            write_verdicts(version_uri, frame)
-            report = transfer_report(frame, judge, answers, stats, minimum)
+        try:
+            report = judge_students(recipe, judge, version_uri, outcome, items)
+        except (TeacherError, TeacherUnavailable, BudgetExceeded) as exc:
+            # After publishing and training: the report says what failed, the version stays.
+            report = unavailable(f"{type(exc).__name__}: {exc}", minimum)
     record_report(version_uri, report, outcome)
     for line in report_lines(report):
         log(line)

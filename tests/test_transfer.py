@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from distillery.tasks.evaluation import EVAL_FILE, eval_table
-from distillery.tasks.recipe import AnswerSettings, JudgeSettings, load_recipe
+from distillery.tasks.recipe import AnswerSettings, JudgeSettings, Recipe, load_recipe
 from distillery.tasks.record import record_id
 from distillery.tasks.teacher import TeacherEndpoint, close_engines
 from distillery.tasks.transfer import (
@@ -342,13 +342,9 @@ def publish_version(root: Path, items: pd.DataFrame) -> Path:
     return folder
 
 
-def test_run_transfer_writes_the_verdicts_the_manifest_entry_and_withholds_promotion(
-    cache: Path, teacher: FakeTeacher
-) -> None:
-    teacher.knobs.judge_pairwise = "longer"
-    items = items_frame()
-    folder = publish_version(cache, items)
-    outcome = {
+def local_outcome(items: pd.DataFrame, folder: Path) -> dict[str, Any]:
+    """A local training's outcome with the students' answers (4 items)."""
+    return {
         "backend": "local",
         "status": "succeeded",
         "eval_answers": {
@@ -359,12 +355,25 @@ def test_run_transfer_writes_the_verdicts_the_manifest_entry_and_withholds_promo
             "trained_model": str(folder / "student" / "model"),
         },
     }
+
+
+def gated_recipe(folder: Path, minimum: float) -> Recipe:
     data = {**yaml.safe_load(RECIPE.read_text()), "seeds": SEEDS}
     data.pop("seeds_file")
-    data["evaluation"] = {"eval_seeds": EVAL_ITEMS, "min_win_rate_vs_base": 0.5}
-    recipe_path = cache / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(data))
-    recipe = load_recipe(str(recipe_path))
+    data["evaluation"] = {"eval_seeds": EVAL_ITEMS, "min_win_rate_vs_base": minimum}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(str(path))
+
+
+def test_run_transfer_writes_the_verdicts_the_manifest_entry_and_withholds_promotion(
+    cache: Path, teacher: FakeTeacher
+) -> None:
+    teacher.knobs.judge_pairwise = "longer"
+    items = items_frame()
+    folder = publish_version(cache, items)
+    outcome = local_outcome(items, folder)
+    recipe = gated_recipe(cache, 0.5)
     logged: list[str] = []
 
     report = run_transfer(recipe, judge_of(teacher), str(folder), outcome, logged.append)
@@ -452,3 +461,52 @@ def test_cli_run_trains_reports_the_transfer_and_exits_1_below_the_gate(
     [artifact] = [a for a in artifacts if a.key == "transfer-report"]
     assert "| base student | 3 | 0 | 3 | 0 | 0 | 50% |" in str(artifact.data)
     assert "Gate **failed**" in str(artifact.data)
+
+
+def test_the_student_refuses_bad_eval_prompts_naming_the_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distillery.tasks.student import EXIT_BAD_INPUT, main
+
+    chat = {
+        "messages": [
+            {"role": "user", "content": "I am 30.\n\nBuy VTI?"},
+            {"role": "assistant", "content": "Yes, a broad index fund suits a long horizon."},
+        ]
+    }
+    for name in ("train.jsonl", "validation.jsonl"):
+        (tmp_path / name).write_text(json.dumps(chat) + "\n")
+    prompts = tmp_path / "eval-prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "a", "messages": chat["messages"][:1]})
+        + "\n"
+        + json.dumps({"id": "b", "messages": chat["messages"]})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--train", str(tmp_path / "train.jsonl"), "--validation"]
+    argv += [str(tmp_path / "validation.jsonl"), "--output", str(out)]
+
+    assert main([*argv, "--eval-prompts", str(prompts)]) == EXIT_BAD_INPUT
+    assert f"{prompts}:2: the prompt turns must end with the user's" in capsys.readouterr().err
+    assert main([*argv, "--eval-prompts", str(tmp_path / "none.jsonl")]) == EXIT_BAD_INPUT
+    assert "none.jsonl: no such file (--eval-prompts" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_judge_that_refuses_every_request_leaves_a_report_that_says_so_and_fails_the_gate(
+    cache: Path, teacher: FakeTeacher
+) -> None:
+    teacher.knobs.status = 400
+    items = items_frame()
+    folder = publish_version(cache, items)
+    outcome = local_outcome(items, folder)
+
+    report = run_transfer(gated_recipe(cache, 0.5), judge_of(teacher), str(folder), outcome, print)
+
+    assert report["available"] is False and report["reason"].startswith("TeacherError")
+    assert report["gate"]["passed"] is False and "TeacherError" in report["gate"]["message"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["evaluation"]["transfer"]["available"] is False
+    assert manifest["training"]["promoted"] is False
+    assert not (folder / TRANSFER_FILE).exists()
