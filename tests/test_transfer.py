@@ -401,6 +401,9 @@ def test_run_transfer_writes_the_verdicts_the_manifest_entry_and_withholds_promo
 
 
 @pytest.mark.slow
+# One real training and 2 x 3 greedy answers of the student on CPU: 15.5 min measured on the
+# shared 2-core machine (load 6-8), past the suite's 900 s default.
+@pytest.mark.timeout(2400)
 def test_cli_run_trains_reports_the_transfer_and_exits_1_below_the_gate(
     tmp_path: Path, model_cache: Path, prefect_api: str
 ) -> None:
@@ -430,7 +433,7 @@ def test_cli_run_trains_reports_the_transfer_and_exits_1_below_the_gate(
         command += ["--output", str(out), "--teacher-base-url", teacher.url]
         command += ["--teacher-model", "fake-teacher"]
         proc = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=2300
         )
         pairwise = teacher.stats.judged["pairwise"]
     output = proc.stdout + proc.stderr
