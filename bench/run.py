@@ -1,6 +1,6 @@
 """The teacher benchmark (issue 5): the engine and the flow next to a bare client, in one run.
 
-    .venv/bin/python bench/run.py [--only 1a,1b,2,3,4,5,6] [--repeats 3] [--flow-repeats 5]
+    .venv/bin/python bench/run.py [--only 1a,1b,2,3,4,5,6,7] [--repeats 3] [--flow-repeats 5]
         [--scale 10000,100000] [--work DIR] [--out bench/results.md]
     .venv/bin/python bench/run.py --only 5    # item 5 alone (about 7 minutes on 2 cores)
 
@@ -20,6 +20,8 @@ own process, as a real endpoint would; the `distillery` runs use a Prefect serve
 5. Scale: the whole flow for 10,000 and 100,000 examples against a zero-latency teacher: peak
    RSS of the flow's process, time per stage (Prefect's task runs), and the 100k/10k time ratio.
 6. Batch mode against a loopback /v1/files + /v1/batches server.
+7. The judge stage: the whole flow with the recipe's judge on and off (fake teacher, 64 slots x
+   0.2 s): judge requests per answered row and the judge's share of the run's time.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -507,6 +510,106 @@ def bench_flow(api_url: str, work: Path, examples: int, repeats: int) -> Section
         "flow run / bare client" + (f" (median of {repeats})" if repeats > 1 else ""),
         f"{flow_ratio:.2f}", "<= 1.25", flow_ratio <= 1.25,
     )  # fmt: skip
+    return section
+
+
+# --------------------------------------------------------------------------------------------
+# 7. The judge stage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeRun:
+    """One `distillery run` of item 7."""
+
+    flow: float  # Prefect's flow run, start to end
+    teacher: float  # the manifest's teacher stages (expansion, answers, and verdicts if on)
+    answered: int  # rows answered (the answer filters' input)
+    judge: dict[str, Any]  # the manifest's judge entry
+    judged: int  # judge requests the fake teacher answered
+    judge_calls: float  # seconds of the engine's judge calls (summed; they overlap others)
+
+
+def judge_recipe(work: Path, enabled: bool) -> Path:
+    """The shipped recipe with the judge on or off (every other setting as shipped)."""
+    data = yaml.safe_load(RECIPE.read_text())
+    data["seeds_file"] = str(RECIPE.parent / data["seeds_file"])
+    data["judge"] = {"enabled": enabled}
+    path = work / f"judge-{'on' if enabled else 'off'}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def judge_once(api_url: str, work: Path, examples: int, enabled: bool) -> JudgeRun:
+    work.mkdir(parents=True, exist_ok=True)
+    with fake_teacher("--slots", "64", "--latency", "0.2") as server:
+        args = cli_args(server.url, work / "out", examples)
+        args[2] = str(judge_recipe(work, enabled))
+        output = finish(start_cli(args, cli_env(work, api_url, 64)), 900)
+        (work / "flow.log").write_text(output)
+        if f"rows: {examples}" not in output:
+            raise RuntimeError(f"the flow did not publish {examples} rows:\n{output[-3000:]}")
+        run = last_flow_run(api_url)
+        judged = int(server.stats().get("judged", {}).get("score", 0))
+    published = work / "out" / "stock-advisor"
+    version = (published / "LATEST").read_text().strip()
+    manifest = json.loads((published / version / "manifest.json").read_text())
+    started_at, ended_at = span(run)
+    return JudgeRun(
+        flow=(ended_at - started_at).total_seconds(),
+        teacher=float(manifest["timings_s"]["teacher"]),
+        answered=int(manifest["counts"]["answers"]["answered"]),
+        judge=manifest["judge"],
+        judged=judged,
+        judge_calls=sum(c[2] for c in teacher_calls(output) if c[0].startswith("judge")),
+    )
+
+
+def bench_judge(api_url: str, work: Path, examples: int, repeats: int) -> Section:
+    section = Section(
+        f"7. The judge stage: the whole flow for {examples} answers, judge on vs off",
+        f".venv/bin/python bench/run.py --only 7 --flow-repeats {repeats}  # distillery run "
+        f"--examples {examples} --no-train, the shipped recipe with judge.enabled true / false, "
+        "DISTILLERY_CONCURRENCY=64, fake teacher 64 slots x 0.2 s; a fresh output and request "
+        "cache per run",
+    )
+    judge_once(api_url, work / "warm-up", 20, False)  # the Prefect server's first calls
+    pairs = []
+    for i in range(repeats):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        runs = {on: judge_once(api_url, work / f"{i + 1}-{on}", examples, on) for on in order}
+        pairs.append((runs[False], runs[True]))
+    rows = []
+    for i, (off, on) in enumerate(pairs):
+        rows.append(
+            [
+                str(i + 1), f"{off.flow:.1f}", f"{on.flow:.1f}", f"{on.flow - off.flow:+.1f}",
+                f"{on.judged} / {on.answered}", f"{on.judge_calls:.1f}",
+            ]
+        )  # fmt: skip
+    section.table(
+        [
+            "repeat", "flow run, judge off (s)", "judge on (s)", "difference (s)",
+            "judge requests / rows answered", "judge calls (s, summed)",
+        ],
+        rows,
+    )  # fmt: skip
+    per_row = max(on.judged / on.answered for _, on in pairs)
+    shares = sorted((on.flow - off.flow) / on.flow for off, on in pairs)
+    share = shares[len(shares) // 2]
+    last = pairs[-1][1].judge
+    section.lines += [
+        f"The judge's share of the run's time is (judge on - judge off) / judge on, the median "
+        f"of {repeats}. A judge request is sent for each answer the answer filters kept, in the "
+        "same answer task, through the same engine (its slots are shared with the answers). "
+        f"Last run: {last['requests']} judge requests, {last['scored']} rows scored, "
+        f"{last['requests_sent']} sent, rejected {last['rejected']}.",
+        "",
+    ]
+    section.verdict("judge requests per answered row (highest)", f"{per_row:.2f}", "<= 1",
+                    per_row <= 1)  # fmt: skip
+    section.verdict("judge's share of the flow run's time (median)", f"{share:.0%}",
+                    "reported", True)  # fmt: skip
     return section
 
 
@@ -1002,8 +1105,8 @@ def bench_scale(work: Path, sizes: list[int]) -> Section:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="1a,1b,2,3,4,5,6", help="items, comma-separated")
-    parser.add_argument("--flow-repeats", type=int, default=5, help="repeats of item 1b")
+    parser.add_argument("--only", default="1a,1b,2,3,4,5,6,7", help="items, comma-separated")
+    parser.add_argument("--flow-repeats", type=int, default=5, help="repeats of items 1b, 7")
     parser.add_argument(
         "--scale", default="10000,100000", help="example counts of item 5, comma-separated"
     )
@@ -1043,10 +1146,11 @@ def main() -> None:
         run("2", lambda: bench_rate_limit("TPM", 840_000, 1500, 256))
         run("3", lambda: bench_faults(2000))
         run("6", lambda: bench_batch(2000))
-        if only & {"1b", "4"}:
+        if only & {"1b", "4", "7"}:
             with prefect_server(work / "prefect-server") as api_url:
                 run("1b", lambda: bench_flow(api_url, work / "flow", 2000, args.flow_repeats))
                 run("4", lambda: bench_interrupts(api_url, work / "interrupts"))
+                run("7", lambda: bench_judge(api_url, work / "judge", 1000, args.flow_repeats))
         sizes = [int(n) for n in args.scale.split(",")]
         run("5", lambda: bench_scale(work, sizes))
     verdicts = [v for s in sections for v in s.verdicts]

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from distillery.tasks.recipe import ValidationSettings
+from distillery.tasks.recipe import JudgeSettings, ValidationSettings
 from distillery.tasks.record import RECORD_COLUMNS, RECORD_SCHEMA
 
 # The columns the suites read: all the worker is sent of the candidate frame.
@@ -26,15 +26,38 @@ NULL_CHECKED_LISTS = tuple(f.name for f in RECORD_SCHEMA if pa.types.is_list(f.t
 PRESENT = "(present; not sent to the validation worker)"
 
 
+# The lowest and highest of a row's judge_scores (null where it has none): what the suite
+# checks of the scores' range, without sending the lists to the worker.
+SCORE_RANGE_COLUMNS = ("judge_scores_min", "judge_scores_max")
+
+
 def suite_frame(candidates: pd.DataFrame) -> pd.DataFrame:
     """What the suites need of the candidate frame, cheap to pickle: the checked columns, and
     for NULL_CHECKED_LISTS a stand-in that is null exactly where the column is (which is all
-    that ExpectColumnValuesToNotBeNull reads of them)."""
-    frame = candidates[[c for c in CHECKED_COLUMNS if c in candidates.columns]]
+    that ExpectColumnValuesToNotBeNull reads of them), plus SCORE_RANGE_COLUMNS."""
+    frame = with_score_range(candidates[[c for c in CHECKED_COLUMNS if c in candidates.columns]])
     stand_ins = {
         c: frame[c].where(frame[c].isna(), PRESENT) for c in NULL_CHECKED_LISTS if c in frame
     }
     return frame.assign(**stand_ins)
+
+
+def with_score_range(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with SCORE_RANGE_COLUMNS, from its judge_scores (if it has them yet)."""
+    if "judge_scores" not in frame or SCORE_RANGE_COLUMNS[0] in frame:
+        return frame
+    ranges: dict[str, Any] = {
+        name: [
+            None if _missing(s) else pick(int(x["score"]) for x in s) for s in frame["judge_scores"]
+        ]
+        for name, pick in zip(SCORE_RANGE_COLUMNS, (min, max), strict=True)
+    }
+    return frame.assign(**ranges)
+
+
+def _missing(scores: Any) -> bool:
+    """No scores: None or NaN (not judged), or an empty list (never made, but no range)."""
+    return scores is None or isinstance(scores, float) or len(scores) == 0
 
 
 @dataclass(frozen=True)
@@ -136,21 +159,29 @@ class SuiteRun:
 
 
 def run_suite(
-    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int, docs_dir: Path
+    candidates: pd.DataFrame,
+    settings: ValidationSettings,
+    min_rows: int,
+    docs_dir: Path,
+    judge: JudgeSettings | None = None,
 ) -> ValidationReport:
     """Validate the candidate frame; write Data Docs and the GX result JSON into docs_dir.
 
     Runs GX in the calling process: the flow runs it in the worker (expectations.worker).
     """
-    report, run = validate_frame(candidates, settings, min_rows)
+    report, run = validate_frame(candidates, settings, min_rows, judge)
     write_docs(run, docs_dir)
     return report
 
 
 def validate_frame(
-    candidates: pd.DataFrame, settings: ValidationSettings, min_rows: int
+    candidates: pd.DataFrame,
+    settings: ValidationSettings,
+    min_rows: int,
+    judge: JudgeSettings | None = None,
 ) -> tuple[ValidationReport, SuiteRun]:
-    """Run the suites over the candidate frame: the report, and what write_docs needs."""
+    """Run the suites over the candidate frame (`judge`: the judge's settings when it scored
+    the answers): the report, and what write_docs needs."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -160,7 +191,8 @@ def validate_frame(
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = context.data_sources.add_pandas("candidates").add_dataframe_asset("dataset")
-    suites = build_suites(settings, min_rows)
+    suites = build_suites(settings, min_rows, judge)
+    candidates = with_score_range(candidates)
     accepted = candidates["status"] == "accepted"
     # The accepted rows, filtered once here (a row_condition per expectation made GX filter the
     # frame about 120 times), then every answered row for the status checks.

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from distillery.expectations.runner import SuiteRun, ValidationReport
-    from distillery.tasks.recipe import ValidationSettings
+    from distillery.tasks.recipe import JudgeSettings, ValidationSettings
 
 logger = logging.getLogger("distillery.validate")
 
@@ -142,6 +142,7 @@ def run_in_worker(
     min_rows: int,
     docs_dir: Path | None,
     docs_key: str = "",
+    judge: JudgeSettings | None = None,
 ) -> ValidationReport:
     """run_suite in the worker process; a worker that died is replaced and tried once more.
 
@@ -159,7 +160,7 @@ def run_in_worker(
     with tempfile.TemporaryDirectory(prefix="distillery-gx-frame-") as tmp:
         job = Path(tmp) / "candidates.pkl"
         with job.open("wb") as file:
-            pickle.dump((suite_frame(candidates), settings), file, pickle.HIGHEST_PROTOCOL)
+            pickle.dump((suite_frame(candidates), settings, judge), file, pickle.HIGHEST_PROTOCOL)
         first = ""
         for attempt in (1, 2):
             worker = _current()
@@ -277,8 +278,8 @@ def _run_suite_from_file(
     from distillery.expectations.runner import validate_frame, write_docs
 
     with job.open("rb") as file:
-        candidates, settings = pickle.load(file)
-    report, run = validate_frame(candidates, settings, min_rows)
+        candidates, settings, judge = pickle.load(file)
+    report, run = validate_frame(candidates, settings, min_rows, judge)
     if docs_dir is not None:
         write_docs(run, docs_dir)
     else:

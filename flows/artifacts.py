@@ -98,6 +98,23 @@ def summary(recipe: Recipe, summary: dict[str, Any], manifest: dict[str, Any]) -
     )
 
 
+def judge_rows(judge: dict[str, Any]) -> list[str]:
+    """The judge stage's rows of the summary table (none when the judge is off)."""
+    if not judge.get("enabled"):
+        return []
+    mean = judge.get("mean_score")
+    rejected = judge.get("rejected", {})
+    return [
+        f"| judge | published rows scored (mean score, 1-10) | {judge.get('scored_rows', 0)} "
+        f"({'n/a' if mean is None else f'{mean:.2f}'}) |",
+        f"| judge | requests sent / from cache | {judge.get('requests_sent', 0)} / "
+        f"{judge.get('requests_cached', 0)} |",
+        f"| judge | rejected: low_score (under {judge.get('min_score', 0):g}) | "
+        f"{rejected.get('low_score', 0)} |",
+        f"| judge | rejected: judge_error (no usable verdict) | {rejected.get('judge_error', 0)} |",
+    ]
+
+
 def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str, Any]) -> str:
     counts = manifest["counts"]
     published = summary.get("published") or {}
@@ -154,6 +171,7 @@ def summary_markdown(recipe: Recipe, summary: dict[str, Any], manifest: dict[str
         f"| answer | answered | {answers['answered']} |",
         f"| answer | accepted | {answers['accepted']} |",
         *(f"| answer | rejected: {k} | {v} |" for k, v in sorted(answers["rejected"].items())),
+        *judge_rows(manifest.get("judge") or {}),
         f"| validate | expectations met | {manifest['validation']['successful']} of "
         f"{manifest['validation']['evaluated']} |",
         f"| publish | rows (train / validation) | {published.get('total', 0)} "

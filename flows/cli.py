@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         "DISTILLERY_BATCH=1)",
     )
     run.add_argument(
+        "--cache",
+        metavar="URI",
+        help="where teacher answers are cached: a local folder, or s3://bucket/prefix shared by "
+        "every worker of the run (also DISTILLERY_CACHE; default DISTILLERY_CACHE_DIR)",
+    )
+    run.add_argument(
         "--max-cost",
         type=float,
         metavar="USD",
@@ -279,6 +285,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch:
         os.environ["DISTILLERY_BATCH"] = "1"
 
+    if args.cache:
+        os.environ["DISTILLERY_CACHE"] = args.cache
+    if (cache := os.environ.get("DISTILLERY_CACHE")) and "://" in cache:
+        from distillery.tasks.teacher.cache import CacheError, SharedStore
+
+        try:  # a bad URI, a missing bucket or no credentials: said now, not mid-run
+            SharedStore(cache)
+        except CacheError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
     from distillery.flows.distill import DistillParams, distill, resolve_endpoint, teacher_gguf
     from distillery.flows.recheck import WAITING
     from distillery.tasks.cost import format_usd
@@ -382,6 +399,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     if summary.get("diversity"):
         print(f"diversity: {diversity_line(summary['diversity'])}")
+    if (summary.get("judge") or {}).get("enabled"):
+        from distillery.tasks.judge import judge_line
+
+        print(f"judge: {judge_line(summary['judge'])}")
     for stage in ("expansion", "answer"):
         rejects = summary[f"{stage}_rejects"]
         if rejects:

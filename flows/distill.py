@@ -41,7 +41,13 @@ from distillery.tasks.export import (
     publish_dataset,
     update_manifest,
 )
-from distillery.tasks.judge import judge_endpoint
+from distillery.tasks.judge import (
+    JudgedAnswers,
+    answer_and_judge,
+    judge_endpoint,
+    judge_manifest,
+    judge_summary,
+)
 from distillery.tasks.memory import release_freed_memory
 from distillery.tasks.recipe import Recipe, load_recipe, target_size
 from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS
@@ -147,6 +153,15 @@ def teacher_session(
     return embedded.embedded_teacher(gguf) if endpoint.embedded else nullcontext()
 
 
+def judge_session(
+    judge: TeacherEndpoint | None, teacher: TeacherEndpoint
+) -> AbstractContextManager[object]:
+    """The embedded server (the shipped file) for an embedded judge of a teacher elsewhere."""
+    if judge is not None and judge.embedded and not teacher.embedded:
+        return embedded.embedded_teacher()
+    return nullcontext()
+
+
 @task(name="load-recipe", task_run_name="load-recipe", cache_policy=NO_CACHE)
 def load_recipe_task(uri: str) -> Recipe:
     """Read and check the recipe."""
@@ -163,8 +178,15 @@ class AnswerStage:
     """The answer tasks of a run: submitted as inputs come (seeds at once, generated inputs in
     batches while expansion goes on), collected when a cycle's expansion is over."""
 
-    def __init__(self, recipe: Recipe, endpoint: TeacherEndpoint, size: int) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        endpoint: TeacherEndpoint,
+        size: int,
+        judge: TeacherEndpoint | None = None,
+    ) -> None:
         self.recipe, self.endpoint, self.size = recipe, endpoint, size
+        self.judge = judge  # who scores the answers (the judge stage); None: the judge is off
         self.results: list[AnswerResult] = []
         self._futures: list[PrefectFuture[AnswerResult]] = []
         self._batches: Counter[int] = Counter()  # answer tasks submitted per cycle
@@ -178,7 +200,11 @@ class AnswerStage:
         self._batches[cycle] += 1
         self._pending_rows += len(inputs)
         label = f"cycle-{cycle}-batch-{self._batches[cycle]}"
-        self._futures.append(answer_inputs.submit(self.recipe, self.endpoint, inputs, label))
+        if self.judge is not None:
+            judged = answer_and_judge.submit(self.recipe, self.endpoint, self.judge, inputs, label)
+            self._futures.append(judged)  # type: ignore[arg-type]  # a JudgedAnswers is one
+        else:
+            self._futures.append(answer_inputs.submit(self.recipe, self.endpoint, inputs, label))
 
     def submit_reference(self, items: pd.DataFrame) -> None:
         """Answer the evaluation items, in one task of their own."""
@@ -228,6 +254,7 @@ class Generation:
     shortfall: list[str] = field(default_factory=list)
     seconds: float = 0.0
     structured_form: str = ""  # how the endpoint took structured output in the end
+    judge: dict[str, Any] | None = None  # the judge stage's counts (tasks/judge.py judge_summary)
     pending: BatchesPending | None = None  # batches still running after the hold: stopped
 
     @property
@@ -245,7 +272,11 @@ def teacher_needed(plan: RefreshPlan) -> bool:
 
 
 def generate(
-    recipe: Recipe, endpoint: TeacherEndpoint, plan: RefreshPlan, batch_size: int
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    plan: RefreshPlan,
+    batch_size: int,
+    judge: TeacherEndpoint | None = None,
 ) -> Generation:
     """Answer what the plan lists, then expand and answer until the plan's goal is reached.
 
@@ -258,10 +289,13 @@ def generate(
         return out
     engine = get_engine(endpoint)
     before = dataclasses.replace(engine.totals)
+    # A judge of its own (judge.base_url): its engine counts what it sent, apart.
+    own_judge = get_engine(judge) if judge is not None and judge != endpoint else None
+    judge_before = dataclasses.replace(own_judge.totals) if own_judge else None
     started = time.monotonic()
     stats = CallStats()
     inputs = pd.concat([plan.kept[INPUT_COLUMNS], plan.to_answer], ignore_index=True)
-    answers = AnswerStage(recipe, endpoint, batch_size)
+    answers = AnswerStage(recipe, endpoint, batch_size, judge)
     with _until_batches_pending(out, answers), artifacts.TeacherProgress(engine, plan.goal):
         if len(plan.to_answer):
             answers.submit_all(plan.to_answer, 0)
@@ -304,6 +338,11 @@ def generate(
         out.reference = answers.reference.rows[EVAL_SCHEMA.names]
     out.requests = stats.requests
     out.this_run = engine.totals.since(before)
+    if own_judge is not None and judge_before is not None:
+        out.this_run.add(own_judge.totals.since(judge_before))
+    if judge is not None:
+        judged = [a for a in answers.results if isinstance(a, JudgedAnswers)]
+        out.judge = judge_summary(judged, str(flow_run.get_id() or ""))
     out.seconds = round(time.monotonic() - started, 2)
     out.structured_form = engine.structured_form
     return out
@@ -385,10 +424,11 @@ def build_manifest(
     evaluation: dict[str, Any],
     diversity: dict[str, Any],
     gguf: embedded.Gguf | None = None,
+    judge: TeacherEndpoint | None = None,
 ) -> dict[str, Any]:
     """Everything a reader of a version needs to know about how it was made; `fingerprint`: the
     accepted rows' content_fingerprint; `evaluation`, `diversity`: their entries; `gguf`: the
-    embedded teacher's file (None: shipped)."""
+    embedded teacher's file (None: shipped); `judge`: who scored the answers (None: no one)."""
     # Masks, not copies of the rows (each of the two was most of the frame).
     kept = candidates["status"] == "accepted"
     new = candidates["run_id"] == run_id
@@ -439,6 +479,7 @@ def build_manifest(
         },
         "evaluation": evaluation,
         "diversity": diversity,
+        "judge": judge_manifest(recipe.judge, judge, candidates[kept], generation.judge),
         "validation": report.to_dict(),
         "data_docs": report.docs_uri,
         "shortfall": generation.shortfall,
@@ -572,25 +613,29 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     recipe = load_recipe_task(params.recipe)
     gguf = teacher_gguf(recipe, params)
     endpoint = resolve_endpoint(recipe, params, gguf)
+    judge = judge_endpoint(recipe, endpoint) if recipe.judge.enabled else None
+    # The transfer report's judge, checked before any stage (it judges after training).
+    transfer_judge = judge_endpoint(recipe, endpoint) if recipe.evaluation.enabled else None
     target = target_size(recipe, params.recipe, params.examples)
     run_id = str(flow_run.get_id() or "local")
     previous = read_previous(params.output, recipe.name) if params.refresh else None
-    plan = plan_refresh(recipe, previous, answer_fingerprint(recipe, endpoint), target)
+    plan = plan_refresh(recipe, previous, answer_fingerprint(recipe, endpoint, judge), target)
     if previous is not None:
         log.info(
             "refreshing %s: %d rows kept, %d inputs to answer, goal %d rows",
             previous.uri, len(plan.kept), len(plan.to_answer), plan.goal,
         )  # fmt: skip
-    session = teacher_session(endpoint, gguf) if teacher_needed(plan) else nullcontext()
-    with session:
-        generation = generate(recipe, endpoint, plan, params.answer_batch_size)
+    needed = teacher_needed(plan)
+    session = teacher_session(endpoint, gguf) if needed else nullcontext()
+    with session, judge_session(judge, endpoint) if needed else nullcontext():
+        generation = generate(recipe, endpoint, plan, params.answer_batch_size, judge)
     release_freed_memory()  # what the teacher stages freed, before the GX worker takes its share
     if generation.pending is not None:
         return waiting_for_batches(recipe, generation, generation.pending, run_id, started)
     candidates = assemble_candidates(generation.answered, recipe, run_id, plan.kept)
     validation = validate_dataset.submit(
         candidates, recipe.validation, recipe.validation.min_rows or target, params.output,
-        recipe.name, run_id,
+        recipe.name, run_id, recipe.judge if judge is not None else None,
     )  # fmt: skip
     # While the GX worker validates, this thread does what needs no verdict (reading the
     # accepted rows in place: the worker is at its peak of memory now).
@@ -613,7 +658,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     )
     manifest = build_manifest(
         recipe, params, endpoint, plan, generation, candidates, report, run_id, target,
-        fingerprint, evaluation, inputs_diversity, gguf,
+        fingerprint, evaluation, inputs_diversity, gguf, judge,
     )  # fmt: skip
     timings = {"teacher": generation.seconds, "validate": report.seconds}
     if previous is not None and _unchanged(manifest, previous):
@@ -681,9 +726,9 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         if params.train_backend is not None:
             settings = settings.model_copy(update={"backend": params.train_backend})
         summary["training"] = train_student(published.uri, settings, recipe.answer)
-        if recipe.evaluation.enabled and summary["training"].get("status") == "succeeded":
+        if transfer_judge is not None and summary["training"].get("status") == "succeeded":
             summary["transfer"] = judge_transfer(
-                recipe, endpoint, gguf, published.uri, summary["training"]
+                recipe, endpoint, transfer_judge, gguf, published.uri, summary["training"]
             )
     return summary
 
@@ -691,13 +736,13 @@ def _distill(params: DistillParams) -> dict[str, Any]:
 def judge_transfer(
     recipe: Recipe,
     teacher: TeacherEndpoint,
+    judge: TeacherEndpoint,
     gguf: embedded.Gguf | None,
     version_uri: str,
     outcome: dict[str, Any],
 ) -> dict[str, Any]:
     """The transfer report after training; the embedded judge (the teacher by default) is
     started again for it, since the teacher stages stopped theirs."""
-    judge = judge_endpoint(recipe, teacher)
     with teacher_session(judge, gguf if judge == teacher else None):
         report = report_transfer(recipe, judge, version_uri, outcome)
     outcome["promoted"] = report["gate"] is None or report["gate"]["passed"]
@@ -825,6 +870,7 @@ def _summary(
         "estimated_cost_usd": generation.this_run.estimated_cost_usd,
         "shortfall": generation.shortfall,
         "evaluation_items": manifest.get("evaluation", {}).get("items"),
+        "judge": manifest.get("judge"),
         "diversity": manifest.get("diversity"),
         "timings_s": timings,
         "seconds": round(time.monotonic() - started, 2),

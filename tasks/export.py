@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.tasks.diversity import diversity_table
 from distillery.tasks.evaluation import EVAL_FILE, eval_table
 from distillery.tasks.recipe import Recipe
-from distillery.tasks.record import RECORD_COLUMNS, RECORD_SCHEMA, REJECT_SCHEMA
+from distillery.tasks.record import JUDGE_COLUMNS, RECORD_COLUMNS, RECORD_SCHEMA, REJECT_SCHEMA
 
 logger = logging.getLogger("distillery.export")
 
@@ -57,6 +57,9 @@ def assemble_candidates(
     if kept is not None and len(kept):
         old = kept.assign(status="accepted", reason=None, detail=None)
         frame = pd.concat([old, frame], ignore_index=True) if len(frame) else old
+    for column in JUDGE_COLUMNS:  # null where nothing judged the row (the judge is off)
+        if column not in frame:
+            frame[column] = None
     frame["split"] = assign_split(frame["id"], recipe.validation_fraction)
     return frame.reset_index(drop=True)
 
@@ -66,6 +69,10 @@ WRITE_ROWS = 10_000
 
 
 def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    # A nullable column the frame lacks is null (the judge's, of rows nothing judged).
+    missing = [f.name for f in schema if f.nullable and f.name not in frame.columns]
+    if missing:
+        frame = frame.assign(**dict.fromkeys(missing))
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 

@@ -5,12 +5,29 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any, Literal
 
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.runtime import flow_run
+
+from distillery.tasks.answer import ANSWER_VERSION, AnswerResult, run_answers
 from distillery.tasks.recipe import JudgeSettings, Recipe
-from distillery.tasks.teacher import ChatRequest, ChatResult, TeacherEndpoint, api_key_for
+from distillery.tasks.record import JUDGE_COLUMNS
+from distillery.tasks.teacher import (
+    CallStats,
+    ChatRequest,
+    ChatResult,
+    TeacherEndpoint,
+    TeacherError,
+    api_key_for,
+    get_engine,
+    retry_worthwhile,
+)
 
 # Bump when a judge prompt, schema or parser changes: the version is part of every judge
 # request's text, so the request cache (and Prefect's cache of the stage) turns over.
@@ -54,7 +71,7 @@ def judge_endpoint(recipe: Recipe, teacher: TeacherEndpoint) -> TeacherEndpoint:
     cfg = recipe.judge
     if cfg.base_url == "embedded" or (cfg.base_url is None and teacher.embedded):
         if cfg.model is not None:
-            raise ValueError(
+            raise TeacherError(
                 f"judge.model {cfg.model!r}: the embedded judge serves the embedded teacher's "
                 "GGUF file, under its own name; remove judge.model, or set judge.base_url to "
                 "the endpoint that serves that model."
@@ -193,7 +210,7 @@ def _json_object(text: str) -> dict[str, Any] | None:
         candidates.append(stripped[start : end + 1])
     for candidate in candidates:
         try:
-            # strict=False: llama.cpp's grammar lets a raw newline into a string (STACK-NOTES).
+            # strict=False: llama.cpp's grammar can let a raw newline into a string.
             data = json.loads(candidate, strict=False)
         except json.JSONDecodeError:
             continue
@@ -244,7 +261,9 @@ def parse_scores(reply: str | ChatResult, settings: JudgeSettings) -> Scores | J
     reason: Any
     if data is not None:
         nested = data.get("scores")
-        raw = nested if isinstance(nested, dict) else data
+        found = nested if isinstance(nested, dict) else data
+        # "Uses Context" or "USES_CONTEXT" name the criterion uses_context too.
+        raw = {str(k).strip().lower().replace(" ", "_"): v for k, v in found.items()}
         reason = data.get("reason", "")
     else:
         fields = _text_fields(text)
@@ -290,3 +309,189 @@ def parse_pairwise(reply: str | ChatResult) -> Winner | JudgeError:
     if winner is None:
         return JudgeError(f"winner {raw!r} is none of A, B, tie")
     return winner
+
+
+# --------------------------------------------------------------------------------------------
+# The judge stage: each accepted answer scored, through the engine (cache, limits, cost, batches)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeOutcome:
+    """What judging a batch of answered rows did: the rows with JUDGE_COLUMNS (and the verdict
+    of the rows it rejected), what its requests cost, and its rejects by reason."""
+
+    rows: pd.DataFrame
+    stats: CallStats = field(default_factory=CallStats)
+    rejects: Counter[str] = field(default_factory=Counter)
+
+
+def run_judge(
+    settings: JudgeSettings, endpoint: TeacherEndpoint, rows: pd.DataFrame, label: str
+) -> JudgeOutcome:
+    """Score every accepted row of an answered batch; reject those under min_score (low_score)
+    and those without a usable verdict (judge_error). Rows already rejected are not judged."""
+    out = rows.copy()
+    for column in JUDGE_COLUMNS:
+        out[column] = None
+    todo = out.index[out["status"] == "accepted"]
+    if len(todo) == 0:
+        return JudgeOutcome(rows=out)
+    part = out.loc[todo]
+    requests = [
+        score_request(settings, c, q, a)
+        for c, q, a in zip(part["user_context"], part["question"], part["answer"], strict=True)
+    ]
+    replies, stats = get_engine(endpoint).complete(requests, f"judge {label}")
+    rejects: Counter[str] = Counter()
+    scores: list[Any] = []
+    means: list[float | None] = []
+    reasons: list[str | None] = []
+    for index, reply in zip(todo, replies, strict=True):
+        verdict = parse_scores(reply, settings)
+        if isinstance(verdict, JudgeError):
+            rejects["judge_error"] += 1
+            out.loc[index, ["status", "reason", "detail"]] = [
+                "rejected",
+                "judge_error",
+                f"the judge's verdict is unusable: {verdict.message}",
+            ]
+            scores.append(None)
+            means.append(None)
+            reasons.append(None)
+            continue
+        scores.append([{"criterion": k, "score": v} for k, v in verdict.scores.items()])
+        means.append(verdict.mean)
+        reasons.append(verdict.reason)
+        if verdict.mean < settings.min_score:
+            rejects["low_score"] += 1
+            out.loc[index, ["status", "reason", "detail"]] = [
+                "rejected",
+                "low_score",
+                f"mean judge score {verdict.mean:g} under judge.min_score {settings.min_score:g}"
+                f": {verdict.reason}",
+            ]
+    out["judge_scores"] = pd.Series(scores, index=todo, dtype=object).reindex(out.index)
+    out["judge_score"] = pd.Series(means, index=todo, dtype="float64").reindex(out.index)
+    out["judge_reason"] = pd.Series(reasons, index=todo, dtype=object).reindex(out.index)
+    return JudgeOutcome(rows=out, stats=stats, rejects=rejects)
+
+
+@dataclass
+class JudgedAnswers(AnswerResult):
+    """An answer batch whose accepted answers were judged: `rows` carry JUDGE_COLUMNS and the
+    judge's rejects, `stats` and `rejects` count answers and verdicts together; `judge_stats`
+    and `judge_rejects` the judge's part; `run_id`: the flow run that judged them (a result
+    Prefect's cache replays is another run's, which sent nothing now)."""
+
+    judge_stats: CallStats = field(default_factory=CallStats)
+    judge_rejects: Counter[str] = field(default_factory=Counter)
+    run_id: str = ""
+
+
+def answer_and_judge_batch(
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    judge: TeacherEndpoint,
+    inputs: pd.DataFrame,
+    label: str,
+) -> JudgedAnswers:
+    """Answer a batch of inputs, then judge the accepted answers."""
+    answered = run_answers(recipe, endpoint, inputs, label)
+    judged = run_judge(recipe.judge, judge, answered.rows, label)
+    stats = CallStats()
+    stats.add(answered.stats)
+    stats.add(judged.stats)
+    return JudgedAnswers(
+        rows=judged.rows,
+        stats=stats,
+        rejects=answered.rejects + judged.rejects,
+        judge_stats=judged.stats,
+        judge_rejects=judged.rejects,
+        run_id=str(flow_run.get_id() or ""),
+    )
+
+
+@task(
+    name="answer-and-judge",
+    task_run_name="answer-and-judge-{label}",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_worthwhile,
+    cache_policy=INPUTS + TASK_SOURCE,
+    persist_result=True,
+)
+def answer_and_judge(
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    judge: TeacherEndpoint,
+    inputs: pd.DataFrame,
+    label: str,
+    version: str = f"{ANSWER_VERSION}/{JUDGE_VERSION}",
+) -> JudgedAnswers:
+    """Answer a batch of inputs with the teacher and score the answers with the judge."""
+    return answer_and_judge_batch(recipe, endpoint, judge, inputs, label)
+
+
+def judge_summary(batches: list[JudgedAnswers], run_id: str) -> dict[str, Any]:
+    """What the judge did for a run's answer batches: its requests (sent now or cached), the
+    rows it judged, its rejects by reason."""
+    stats, sent, rejects, judged = CallStats(), 0, Counter[str](), 0
+    for batch in batches:
+        stats.add(batch.judge_stats)
+        rejects.update(batch.judge_rejects)
+        judged += int(batch.rows["judge_score"].notna().sum())
+        if batch.run_id == run_id:  # judged by this run, not replayed from Prefect's cache
+            sent += batch.judge_stats.sent - batch.judge_stats.retries
+    return {
+        "requests": stats.requests,
+        "requests_sent": sent,
+        "requests_cached": stats.requests - sent,
+        "scored": judged,
+        "rejected": {"low_score": rejects["low_score"], "judge_error": rejects["judge_error"]},
+        "seconds": round(stats.seconds, 2),
+    }
+
+
+def judge_manifest(
+    settings: JudgeSettings,
+    endpoint: TeacherEndpoint | None,
+    published: pd.DataFrame,
+    this_run: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest's `judge` entry: who judged on which rubric, the published rows' mean
+    scores (overall and per criterion), and what the judge stage did in this run."""
+    if not settings.enabled or endpoint is None:
+        return {"enabled": False}
+    means = published["judge_score"].dropna() if "judge_score" in published else pd.Series()
+    per: dict[str, list[int]] = {name: [] for name in settings.rubric}
+    if "judge_scores" in published:
+        for scores in published["judge_scores"].dropna():
+            for item in scores:
+                per.setdefault(item["criterion"], []).append(int(item["score"]))
+    return {
+        "enabled": True,
+        "model": endpoint.model,
+        "host": endpoint.host,
+        "version": JUDGE_VERSION,
+        "rubric": dict(settings.rubric),
+        "min_score": settings.min_score,
+        "mean_score": round(float(means.mean()), 4) if len(means) else None,
+        "mean_scores": {k: round(fmean(v), 4) if v else None for k, v in per.items()},
+        "scored_rows": len(means),
+        **(this_run or judge_summary([], "")),
+    }
+
+
+def judge_line(entry: dict[str, Any]) -> str:
+    """The judge's line of the terminal summary (entry: the manifest's `judge`)."""
+    mean = entry.get("mean_score")
+    rejected = entry.get("rejected", {})
+    return (
+        f"{entry.get('scored_rows', 0)} published rows scored by {entry.get('model')}, mean "
+        f"{'n/a' if mean is None else f'{mean:.2f}'} of 10; {entry.get('requests', 0)} requests "
+        f"({entry.get('requests_sent', 0)} sent, {entry.get('requests_cached', 0)} cached); "
+        f"rejected: low_score {rejected.get('low_score', 0)} (under "
+        f"{entry.get('min_score', 0):g}), judge_error {rejected.get('judge_error', 0)} (no "
+        "usable verdict)"
+    )

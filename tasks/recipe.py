@@ -349,6 +349,24 @@ class JudgeSettings(_Strict):
         ),
     )
     max_tokens: int = Field(256, gt=0, description="Token cap of one judge reply.")
+    min_mean_score: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description=(
+            "Validation: the published rows' mean judge score must be at least this, else the "
+            "run fails before publishing (the GX suite); 0: reported, not checked."
+        ),
+    )
+    max_low_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description=(
+            "Validation: the largest share of the judged rows whose mean score is under "
+            "min_score (the GX suite; they are rejected either way)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_rubric(self) -> JudgeSettings:

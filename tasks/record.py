@@ -11,11 +11,15 @@ import pandas as pd
 import pyarrow as pa
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# One criterion of the judge's rubric (the recipe's judge.rubric) and its score, 1-10.
+_SCORE = pa.struct([("criterion", pa.string()), ("score", pa.int64())])
 
-# Who fills a column of the in-memory row: expansion (or a seed), the answer call, or assembly.
-_INPUT, _ANSWER, _ASSEMBLY = "input", "answer", "assembly"
+# Who fills a column of the in-memory row: expansion (or a seed), the answer call, the judge,
+# or assembly.
+_INPUT, _ANSWER, _JUDGE, _ASSEMBLY = "input", "answer", "judge", "assembly"
 
-# Every published row has every one of these columns filled (the GX suite checks it).
+# Every published row has every non-nullable column filled (the GX suite checks it); the judge's
+# columns are null when the recipe's judge is off, and filled when it is on (checked too).
 _COLUMNS = [
     (pa.field("id", pa.string(), nullable=False), _INPUT),
     (pa.field("user_context", pa.string(), nullable=False), _INPUT),
@@ -31,6 +35,9 @@ _COLUMNS = [
     (pa.field("finish_reason", pa.string(), nullable=False), _ANSWER),
     (pa.field("prompt_tokens", pa.int64(), nullable=False), _ANSWER),
     (pa.field("completion_tokens", pa.int64(), nullable=False), _ANSWER),
+    (pa.field("judge_scores", pa.list_(_SCORE), nullable=True), _JUDGE),
+    (pa.field("judge_score", pa.float64(), nullable=True), _JUDGE),  # mean of judge_scores
+    (pa.field("judge_reason", pa.string(), nullable=True), _JUDGE),  # the judge's one line
     (pa.field("split", pa.string(), nullable=False), _ASSEMBLY),  # "train" | "validation"
     (pa.field("run_id", pa.string(), nullable=False), _ASSEMBLY),
     (pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False), _ASSEMBLY),
@@ -41,6 +48,10 @@ RECORD_COLUMNS: list[str] = RECORD_SCHEMA.names
 INPUT_COLUMNS = [f.name for f, stage in _COLUMNS if stage == _INPUT]
 # What the answer call adds to an input.
 ANSWER_COLUMNS = [f.name for f, stage in _COLUMNS if stage == _ANSWER]
+# What the judge stage adds to an answered row (None where it did not judge).
+JUDGE_COLUMNS = [f.name for f, stage in _COLUMNS if stage == _JUDGE]
+# The columns every published row fills.
+REQUIRED_COLUMNS = [f.name for f in RECORD_SCHEMA if not f.nullable]
 # The answer stage's verdict, beside the record in the candidate frame: status "accepted" |
 # "rejected", and for a rejected row the reason and detail.
 VERDICT_COLUMNS = ["status", "reason", "detail"]

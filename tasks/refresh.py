@@ -22,6 +22,7 @@ The rules (README, "Nightly refresh"):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import pandas as pd
 from distillery.tasks.evaluation import EVAL_FILE, contamination_for, eval_inputs
 from distillery.tasks.expand import seed_inputs
 from distillery.tasks.export import read_text
+from distillery.tasks.judge import JUDGE_VERSION
 from distillery.tasks.recipe import Recipe
 from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS, RECORD_COLUMNS
 from distillery.tasks.teacher import TeacherEndpoint
@@ -73,10 +75,15 @@ def read_latest(output: str, dataset: str) -> Previous | None:
     for split in ("train", "validation"):
         with fs.open(posixpath.join(folder, f"{split}.parquet"), "rb") as f:
             parts.append(pd.read_parquet(f))
-    rows = pd.concat(parts, ignore_index=True)[RECORD_COLUMNS]
+    # reindex: a version from before the judge's columns has none (null: not judged).
+    rows = pd.concat(parts, ignore_index=True).reindex(columns=RECORD_COLUMNS)
     # Parquet lists come back as numpy arrays: back to the lists and dicts a fresh row has.
     rows["seed_ids"] = rows["seed_ids"].map(list)
     rows["messages"] = rows["messages"].map(lambda turns: [dict(t) for t in turns])
+    rows["judge_scores"] = rows["judge_scores"].map(
+        lambda scores: [dict(s) for s in scores] if isinstance(scores, np.ndarray) else None
+    )
+    rows["judge_reason"] = rows["judge_reason"].astype(object).where(rows["judge_reason"].notna())
     manifest = json.loads(raw)
     evaluation = None
     if manifest.get("evaluation", {}).get("enabled"):
@@ -85,23 +92,35 @@ def read_latest(output: str, dataset: str) -> Previous | None:
     return Previous(version=version, uri=uri, manifest=manifest, rows=rows, evaluation=evaluation)
 
 
-def answer_fingerprint(recipe: Recipe, endpoint: TeacherEndpoint) -> str:
+def answer_fingerprint(
+    recipe: Recipe, endpoint: TeacherEndpoint, judge: TeacherEndpoint | None = None
+) -> str:
     """What an answer depends on besides its input: prompt, style, model (and the embedded
-    teacher's GGUF file, when it is not the shipped one), sampling."""
+    teacher's GGUF file, when it is not the shipped one), sampling; and, when `judge` scores
+    the answers, what a verdict depends on (a change re-judges every kept row; the answers
+    themselves come from the request cache)."""
     t = recipe.teacher
-    basis = {
+    basis: dict[str, Any] = {
         "answer": recipe.answer.model_dump(),
         "model": endpoint.model,
         "sampling": {"temperature": t.temperature, "top_p": t.top_p, "max_tokens": t.max_tokens},
     }
     if endpoint.gguf_sha256 is not None:  # a GGUF file's stem is a weak name for its weights
         basis["gguf_sha256"] = endpoint.gguf_sha256
+    if judge is not None:  # absent when off: the fingerprints of versions without it hold
+        basis["judge"] = {
+            "model": judge.model,
+            "gguf_sha256": judge.gguf_sha256,
+            "version": JUDGE_VERSION,
+            **recipe.judge.model_dump(include={"rubric", "min_score", "max_tokens"}, mode="json"),
+        }
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def content_fingerprint(rows: pd.DataFrame, where: pd.Series | None = None) -> str:
-    """The published content: ids, answers, chat turns and splits, in id order; of the rows
-    where `where` is true, when given (the accepted rows of a candidate frame).
+    """The published content: ids, answers, chat turns, splits and judge scores (where there
+    are), in id order; of the rows where `where` is true, when given (the accepted rows of a
+    candidate frame).
 
     Read 10,000 rows at a time: a sorted copy of the four columns, made at once, held the flow
     process ~55 MiB higher (100,000 rows of the fake teacher's texts; glibc kept it) while the
@@ -110,14 +129,22 @@ def content_fingerprint(rows: pd.DataFrame, where: pd.Series | None = None) -> s
     digest = hashlib.sha256()
     positions = np.arange(len(rows)) if where is None else np.flatnonzero(where.to_numpy(bool))
     order = positions[np.argsort(rows["id"].to_numpy(object)[positions], kind="stable")]
-    columns = rows[["id", "answer", "split", "messages"]]
+    judged = "judge_score" in rows.columns
+    columns = rows[["id", "answer", "split", "messages", *(["judge_score"] if judged else [])]]
     for start in range(0, len(order), _FINGERPRINT_CHUNK):
         part = columns.iloc[order[start : start + _FINGERPRINT_CHUNK]]
-        for rid, answer, split, messages in zip(
-            part["id"], part["answer"], part["split"], part["messages"], strict=True
+        scores = part["judge_score"] if judged else itertools.repeat(None)
+        for rid, answer, split, messages, score in zip(
+            part["id"], part["answer"], part["split"], part["messages"], scores, strict=False
         ):
             turns = [(m["role"], m["content"]) for m in messages]
-            digest.update(json.dumps([rid, answer, split, turns]).encode())
+            # A row without a score hashes as before the judge existed (no change of LATEST).
+            item = (
+                [rid, answer, split, turns]
+                if pd.isna(score)
+                else [rid, answer, split, turns, score]
+            )
+            digest.update(json.dumps(item).encode())
     return digest.hexdigest()[:16]
 
 

@@ -22,7 +22,7 @@ from distillery.expectations.worker import (
     run_in_worker,
 )
 from distillery.tasks.export import folder_uri, upload_folder
-from distillery.tasks.recipe import ValidationSettings
+from distillery.tasks.recipe import JudgeSettings, ValidationSettings
 
 __all__ = [
     "ExpectationOutcome",
@@ -78,14 +78,16 @@ def validate_dataset(
     output: str,
     dataset: str,
     run_id: str,
+    judge: JudgeSettings | None = None,
 ) -> ValidationReport:
-    """Check the candidate dataset against the suite; raise ValidationFailed if it breaks it.
+    """Check the candidate dataset against the suite (`judge`: the judge's settings, when it
+    scored the answers); raise ValidationFailed if it breaks it.
 
     A failed run's Data Docs are written before it raises (they are the report people read);
     a passed run's are written by publish_data_docs, which the flow runs beside publishing.
     """
     started = time.monotonic()
-    report = run_in_worker(candidates, settings, min_rows, None, docs_key=run_id)
+    report = run_in_worker(candidates, settings, min_rows, None, docs_key=run_id, judge=judge)
     report.docs_uri = folder_uri(output, *docs_parts(dataset, run_id)) + "/index.html"
     report.seconds = round(time.monotonic() - started, 2)
     create_markdown_artifact(

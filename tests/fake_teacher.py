@@ -754,22 +754,31 @@ def _system_text(messages: Any) -> str:
     )
 
 
-def judge_reply(body: dict[str, Any], form: Any, knobs: Knobs) -> tuple[str, str, str] | None:
-    """(kind, content, finish_reason) of a judge request, or None for any other request.
+def judge_kind(body: dict[str, Any]) -> str | None:
+    """The kind of a judge request ("score" or "pairwise"); None for any other request."""
+    if JUDGE_MARKER not in _system_text(body.get("messages")):
+        return None
+    user = _last_user_text(body.get("messages"))
+    return "pairwise" if "<answer_a>" in user and "<answer_b>" in user else "score"
+
+
+def judge_reply(body: dict[str, Any], form: Any, knobs: Knobs) -> tuple[str, str] | None:
+    """(content, finish_reason) of a judge request, or None for any other request.
 
     Structured forms (json_schema, json_object) get JSON; a request without response_format
     gets the verdict as `name: value` lines (the text form tasks/judge.py also reads).
     """
-    system = _system_text(body.get("messages"))
-    if JUDGE_MARKER not in system:
+    kind = judge_kind(body)
+    if kind is None:
         return None
+    system = _system_text(body.get("messages"))
     user = _last_user_text(body.get("messages"))
     structured = form in ("json_schema", "json_object")
     pair = _tagged(user, "answer_a"), _tagged(user, "answer_b")
-    if pair[0] is not None and pair[1] is not None:
+    if kind == "pairwise" and pair[0] is not None and pair[1] is not None:
         a, b = pair
         if knobs.judge_garbage_marker and knobs.judge_garbage_marker in a + b:
-            return "pairwise", GARBAGE_VERDICT, "stop"
+            return GARBAGE_VERDICT, "stop"
         longer = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
         winner = {
             "longer": longer,
@@ -779,20 +788,20 @@ def judge_reply(body: dict[str, Any], form: Any, knobs: Knobs) -> tuple[str, str
         }[knobs.judge_pairwise]
         reason = f"rule {knobs.judge_pairwise}: lengths {len(a)} and {len(b)}"
         if structured:
-            return "pairwise", json.dumps({"winner": winner, "reason": reason}), "stop"
-        return "pairwise", f"Winner: {winner}\nReason: {reason}", "stop"
+            return json.dumps({"winner": winner, "reason": reason}), "stop"
+        return f"Winner: {winner}\nReason: {reason}", "stop"
     answer = _tagged(user, "answer") or ""
     if knobs.judge_garbage_marker and knobs.judge_garbage_marker in answer:
-        return "score", GARBAGE_VERDICT, "stop"
+        return GARBAGE_VERDICT, "stop"
     low = bool(knobs.judge_low_marker and knobs.judge_low_marker in answer)
     score = knobs.judge_low_score if low else knobs.judge_score
     reason = "marked as a poor answer" if low else "a fair answer"
     names = _CRITERIA.findall(system)
     if structured:
         verdict = {"scores": dict.fromkeys(names, score), "reason": reason}
-        return "score", json.dumps(verdict), "stop"
+        return json.dumps(verdict), "stop"
     lines = [f"{name}: {score}/10" for name in names] + [f"reason: {reason}"]
-    return "score", "\n".join(lines), "stop"
+    return "\n".join(lines), "stop"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1094,13 +1103,11 @@ class _Core:
         try:
             if knobs.latency > 0:
                 await asyncio.sleep(knobs.latency)
-            judged = judge_reply(body, form, knobs)
-            if judged is not None:
-                kind, content, finish = judged
+            content, finish = self._content(body, form, response_format, digest, knobs)
+            kind = judge_kind(body)
+            if kind is not None:
                 with self.lock:
                     self.stats.judged[kind] += 1
-            else:
-                content, finish = self._content(body, form, response_format, digest, knobs)
         finally:
             await self._release()
 
@@ -1138,6 +1145,9 @@ class _Core:
     def _content(
         body: dict[str, Any], form: Any, response_format: Any, digest: bytes, knobs: Knobs
     ) -> tuple[str, str]:
+        judged = judge_reply(body, form, knobs)
+        if judged is not None:
+            return judged
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         if knobs.reply == "prose":
             return gen_prose(rng), "stop"

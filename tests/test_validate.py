@@ -18,7 +18,7 @@ import pytest
 
 from distillery.expectations import worker
 from distillery.tasks.recipe import ValidationSettings
-from distillery.tasks.record import RECORD_COLUMNS, record_id
+from distillery.tasks.record import REQUIRED_COLUMNS, record_id
 from distillery.tasks.validate import (
     ValidationFailed,
     ValidationReport,
@@ -99,7 +99,7 @@ CONTRACT = sorted(
         ("expect_table_row_count_to_be_between", "(table)"),
         ("expect_column_values_to_not_be_null", "status"),
         ("expect_column_values_to_be_in_set", "status"),
-        *(("expect_column_values_to_not_be_null", c) for c in RECORD_COLUMNS),
+        *(("expect_column_values_to_not_be_null", c) for c in REQUIRED_COLUMNS),
         ("expect_column_values_to_be_unique", "id"),
         ("expect_column_values_to_match_regex", "id"),
         *(

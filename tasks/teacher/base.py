@@ -29,6 +29,15 @@ class EngineSettings(BaseSettings):
         Path.home() / ".cache" / "distillery",
         description="Folder of the durable request cache (teacher-cache.sqlite).",
     )
+    cache: str | None = Field(
+        None,
+        description=(
+            "Where teacher answers are cached: a local folder (instead of cache_dir) or an "
+            "fsspec URI such as s3://bucket/prefix that workers on many machines share (one "
+            "create-only object per request; the sqlite file in cache_dir stays as a local "
+            "first level). CLI: --cache."
+        ),
+    )
     concurrency: int = Field(32, ge=1, description="Teacher requests in flight at once.")
     adaptive_concurrency: bool = Field(
         True,
@@ -49,6 +58,19 @@ class EngineSettings(BaseSettings):
             "Spending cap in USD for this process's teacher requests: nothing is sent that could "
             "pass it (CLI: --max-cost)."
         ),
+    )
+    budget_id: str | None = Field(
+        None,
+        description=(
+            "Workers with the same budget id share one spend total (a ledger beside the request "
+            "cache) and so one max_cost_usd cap; a sharded run sets it to its run id. None: "
+            "this process's spend only."
+        ),
+    )
+    spend_sync_s: float = Field(
+        5.0,
+        gt=0,
+        description="With a budget id: seconds between two syncs of the shared spend total.",
     )
     drain_grace_s: float = Field(
         10.0,
