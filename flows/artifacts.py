@@ -27,6 +27,7 @@ from distillery.tasks.cost import format_usd
 from distillery.tasks.diversity import diversity_table
 from distillery.tasks.recipe import Recipe
 from distillery.tasks.teacher import BatchesPending, TeacherEngine
+from distillery.tasks.transfer import report_markdown
 
 logger = logging.getLogger("distillery.artifacts")
 
@@ -315,3 +316,18 @@ class TeacherProgress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def transfer(recipe: Recipe, report: dict[str, Any], version_uri: str) -> None:
+    """The transfer report: win / tie / loss of the trained student as a table and bars."""
+    version = version_uri.rstrip("/").rsplit("/", 1)[-1]
+    if report.get("available"):
+        base = report["comparisons"].get("vs_base") or {}
+        about = f"win rate vs base {base.get('win_rate')}"
+    else:
+        about = "no model to judge"
+    create_markdown_artifact(
+        key="transfer-report",
+        markdown=report_markdown(report, f"{recipe.name} `{version}`"),
+        description=f"{recipe.name} {version}: {about}",
+    )

@@ -418,7 +418,28 @@ def _run(args: argparse.Namespace) -> int:
         print(f"rejected in review: {review.get('comment') or 'no comment'}; LATEST not moved")
         return EXIT_FAILED
     if summary.get("training"):
-        return _print_training(summary["training"])
+        code = _print_training(summary["training"])
+        return _print_transfer(summary.get("transfer"), summary["uri"]) or code
+    return 0
+
+
+def _print_transfer(report: dict[str, Any] | None, uri: str) -> int:
+    """The transfer report's lines; EXIT_FAILED when its gate failed."""
+    if report is None:
+        return 0
+    from distillery.tasks.transfer import report_lines
+
+    print()
+    for line in report_lines(report):
+        print(line)
+    gate = report.get("gate")
+    if gate is not None and not gate["passed"]:
+        print(
+            f"error: the student did not pass the gate ({gate['message']}); it is not promoted. "
+            f"The dataset stays published: {uri}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return 0
 
 

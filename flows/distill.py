@@ -68,6 +68,7 @@ from distillery.tasks.teacher import (
     get_engine,
 )
 from distillery.tasks.train import train_student
+from distillery.tasks.transfer import report_transfer
 from distillery.tasks.validate import (
     ValidationReport,
     preload_great_expectations,
@@ -613,6 +614,8 @@ def _distill(params: DistillParams) -> dict[str, Any]:
     gguf = teacher_gguf(recipe, params)
     endpoint = resolve_endpoint(recipe, params, gguf)
     judge = judge_endpoint(recipe, endpoint) if recipe.judge.enabled else None
+    # The transfer report's judge, checked before any stage (it judges after training).
+    transfer_judge = judge_endpoint(recipe, endpoint) if recipe.evaluation.enabled else None
     target = target_size(recipe, params.recipe, params.examples)
     run_id = str(flow_run.get_id() or "local")
     previous = read_previous(params.output, recipe.name) if params.refresh else None
@@ -722,8 +725,34 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         settings = recipe.training
         if params.train_backend is not None:
             settings = settings.model_copy(update={"backend": params.train_backend})
-        summary["training"] = train_student(published.uri, settings)
+        summary["training"] = train_student(published.uri, settings, recipe.answer)
+        if transfer_judge is not None and summary["training"].get("status") == "succeeded":
+            summary["transfer"] = judge_transfer(
+                recipe, endpoint, transfer_judge, gguf, published.uri, summary["training"]
+            )
     return summary
+
+
+def judge_transfer(
+    recipe: Recipe,
+    teacher: TeacherEndpoint,
+    judge: TeacherEndpoint,
+    gguf: embedded.Gguf | None,
+    version_uri: str,
+    outcome: dict[str, Any],
+) -> dict[str, Any]:
+    """The transfer report after training; the embedded judge (the teacher by default) is
+    started again for it, since the teacher stages stopped theirs."""
+    with teacher_session(judge, gguf if judge == teacher else None):
+        report = report_transfer(recipe, judge, version_uri, outcome)
+    outcome["promoted"] = report["gate"] is None or report["gate"]["passed"]
+    artifacts.transfer(recipe, report, version_uri)
+    if report["gate"] is not None and not report["gate"]["passed"]:
+        get_run_logger().warning(
+            "%s: the student is not promoted (the version stays published)",
+            report["gate"]["message"],
+        )
+    return report
 
 
 def waiting_for_batches(

@@ -8,7 +8,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillery.flows.notify import notify_failure
-from distillery.tasks.recipe import TrainingSettings
+from distillery.tasks.recipe import AnswerSettings, TrainingSettings
 from distillery.tasks.train import resolve_version, train_student
 
 
@@ -25,6 +25,13 @@ class TrainParams(BaseModel):
     )
     backend: Literal["local", "openai", "prefect"] | None = Field(
         None, description="Override the training backend recorded with the version's recipe."
+    )
+    answer: AnswerSettings | None = Field(
+        None,
+        description=(
+            "The recipe's answer settings: with them the student answers the version's "
+            "evaluation items before and after training (for the transfer report)."
+        ),
     )
 
 
@@ -51,4 +58,5 @@ def training_settings(manifest: dict[str, Any], backend: str | None) -> Training
 def train(params: TrainParams) -> dict[str, Any]:
     """Train the student on a published dataset version and record the outcome in it."""
     version = resolve_version(params.version)
-    return train_student(version.uri, training_settings(version.manifest, params.backend))
+    settings = training_settings(version.manifest, params.backend)
+    return train_student(version.uri, settings, params.answer)

@@ -50,6 +50,9 @@ EXIT_BAD_INPUT = 2
 
 Chat = list[dict[str, str]]
 
+# The base and the trained student's answers to --eval-prompts, in the output folder.
+EVAL_ANSWERS = "eval_answers.json"
+
 
 class InputError(ValueError):
     """A bad argument or input file: the message names it and the fix."""
@@ -89,6 +92,31 @@ def read_chats(path: Path, split: str) -> list[Chat]:
         hint = " (the dataset needs a validation split)" if split == "validation" else ""
         raise InputError(f"{path}: the {split} split is empty{hint}")
     return chats
+
+
+def read_eval_prompts(path: Path) -> tuple[list[str], list[Chat]]:
+    """The ids and prompt turns of the evaluation items (JSONL of {id, messages}), checked."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (--eval-prompts, JSONL of {{id, messages}})")
+    ids: list[str] = []
+    prompts: list[Chat] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                item, messages = str(row["id"]), row["messages"]
+                chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise InputError(
+                    f'{path}:{number}: not an {{"id": ..., "messages": [...]}} JSON object ({exc})'
+                ) from exc
+            if not chat or chat[-1]["role"] != "user":
+                raise InputError(f"{path}:{number}: the prompt turns must end with the user's")
+            ids.append(item)
+            prompts.append(chat)
+    return ids, prompts
 
 
 def prompt_completion(chats: list[Chat]) -> list[dict[str, Chat]]:
@@ -463,6 +491,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, measure, train, measure again, save and reload; returns metrics.json's content."""
     train = read_chats(args.train, "train")
     validation = read_chats(args.validation, "validation")
+    # The held-out evaluation items (ids and prompts), answered by the student before and after
+    # training for the transfer report (tasks/transfer.py); none without --eval-prompts.
+    eval_ids, eval_prompts = read_eval_prompts(args.eval_prompts) if args.eval_prompts else ([], [])
     args.output.mkdir(parents=True, exist_ok=True)
 
     # Progress is ours to report, as JSON lines; the libraries' tqdm bars (some of which ignore
@@ -495,6 +526,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with phase("eval_before", seconds, rows=len(validation)):
         loss_before = trainer.evaluate()["eval_loss"]
         before = generate_answers(student, tokenizer, sample_prompts)
+    if eval_prompts:
+        with phase("eval_answers_before", seconds, items=len(eval_prompts)):
+            eval_before = generate_answers(student, tokenizer, eval_prompts)
 
     with phase("train", seconds, rows=len(train)):
         result = trainer.train()
@@ -502,6 +536,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with phase("eval_after", seconds, rows=len(validation)):
         loss_after = trainer.evaluate()["eval_loss"]
         after = generate_answers(student, tokenizer, sample_prompts)
+    if eval_prompts:
+        with phase("eval_answers_after", seconds, items=len(eval_prompts)):
+            eval_after = generate_answers(student, tokenizer, eval_prompts)
+        answers = {"ids": eval_ids, "base": eval_before, "trained": eval_after}
+        (args.output / EVAL_ANSWERS).write_text(json.dumps(answers, indent=2), encoding="utf-8")
 
     with phase("save", seconds):
         folder = args.output / "model"
@@ -555,6 +594,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "model": str(folder),
         "reload_check": reload_check,
+        "eval_answers": str(args.output / EVAL_ANSWERS) if eval_prompts else None,
+        "eval_max_new_tokens": MAX_NEW_TOKENS,
     }
 
 
@@ -608,6 +649,12 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_GKD_BETA,
         help=f"gkd: 0 forward KL, 1 reverse KL, between: generalised JSD "
         f"(default {DEFAULT_GKD_BETA})",
+    )
+    parser.add_argument(
+        "--eval-prompts",
+        type=Path,
+        help="JSONL of held-out items ({id, messages}: the prompt turns) to answer greedily "
+        f"before and after training, into {EVAL_ANSWERS} in the output folder",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the adapters and shuffling")
     parser.add_argument(

@@ -17,12 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pandas as pd
+import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from distillery.tasks.answer import student_messages
+from distillery.tasks.evaluation import EVAL_FILE
 from distillery.tasks.export import read_text, update_manifest
-from distillery.tasks.recipe import TrainingSettings
+from distillery.tasks.recipe import AnswerSettings, TrainingSettings
+from distillery.tasks.student import EVAL_ANSWERS
 
 logger = logging.getLogger("distillery.train")
 
@@ -91,7 +96,12 @@ def record_outcome(version: DatasetVersion, outcome: dict[str, Any]) -> None:
 
 
 def _student_command(
-    train: Path, validation: Path, out: Path, settings: TrainingSettings, seed: int
+    train: Path,
+    validation: Path,
+    out: Path,
+    settings: TrainingSettings,
+    seed: int,
+    eval_prompts: Path | None = None,
 ) -> list[str]:
     local = settings.local
     command = [
@@ -105,7 +115,32 @@ def _student_command(
         command += ["--max-steps", str(local.max_steps)]
     if local.learning_rate is not None:
         command += ["--learning-rate", str(local.learning_rate)]
+    if eval_prompts is not None:
+        command += ["--eval-prompts", str(eval_prompts)]
     return command
+
+
+def eval_items(version_uri: str) -> pd.DataFrame | None:
+    """The version's evaluation set (evaluation/eval.parquet), or None when it has none."""
+    fs, root = fsspec.core.url_to_fs(version_uri)
+    path = posixpath.join(root, EVAL_FILE)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pandas()
+
+
+def write_eval_prompts(version: DatasetVersion, answer: AnswerSettings, dest: Path) -> bool:
+    """The version's evaluation items as the student is asked them (JSONL of {id, messages});
+    False when the version has no evaluation set."""
+    items = eval_items(version.uri)
+    if items is None:
+        return False
+    with dest.open("w", encoding="utf-8") as f:
+        for item in items.itertuples():
+            messages = student_messages(answer, str(item.user_context), str(item.question))
+            f.write(json.dumps({"id": item.id, "messages": messages}) + "\n")
+    return True
 
 
 def _log_event(line: str, log: Callable[[str], None]) -> None:
@@ -127,9 +162,15 @@ def _log_event(line: str, log: Callable[[str], None]) -> None:
 
 
 def train_local(
-    version: DatasetVersion, settings: TrainingSettings, seed: int, log: Callable[[str], None]
+    version: DatasetVersion,
+    settings: TrainingSettings,
+    seed: int,
+    log: Callable[[str], None],
+    answer: AnswerSettings | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the embedded student on the version's train split; model goes under student/."""
+    """Fine-tune the embedded student on the version's train split; model goes under student/.
+    With `answer` (the recipe's) and an evaluation set in the version, the base and the trained
+    student answer the evaluation items too (`eval_answers`, for the transfer report)."""
     fs, root = fsspec.core.url_to_fs(version.uri)
     remote = not isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     started = time.monotonic()
@@ -138,9 +179,12 @@ def train_local(
         for split in ("train", "validation"):
             fs.get_file(posixpath.join(root, f"{split}.jsonl"), str(work / f"{split}.jsonl"))
         out = work / "student" if remote else Path(root) / "student"
+        prompts = work / "eval-prompts.jsonl"
+        asked = answer is not None and write_eval_prompts(version, answer, prompts)
         command = _student_command(
-            work / "train.jsonl", work / "validation.jsonl", out, settings, seed
-        )
+            work / "train.jsonl", work / "validation.jsonl", out, settings, seed,
+            prompts if asked else None,
+        )  # fmt: skip
         stderr_path = work / "stderr.log"
         with stderr_path.open("wb") as stderr:
             process = subprocess.Popen(
@@ -164,6 +208,7 @@ def train_local(
             tail = "\n".join(stderr_path.read_text(errors="replace").splitlines()[-15:])
             raise TrainingFailed(f"local student training exited with code {code}:\n{tail}")
         metrics = json.loads((out / "metrics.json").read_text())
+        eval_answers = json.loads((out / EVAL_ANSWERS).read_text()) if asked else None
         if remote:
             fs.put(str(out), posixpath.join(root, "student"), recursive=True)
     before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
@@ -181,6 +226,18 @@ def train_local(
         "improved": improved,
         "metrics": metrics,
         "seconds": round(time.monotonic() - started, 1),
+        **(
+            {
+                "eval_answers": {
+                    **eval_answers,
+                    "base_model": f"{metrics.get('base_model')} (before training)",
+                    "trained_model": version.path("student/model"),
+                    "max_new_tokens": metrics.get("eval_max_new_tokens"),
+                }
+            }
+            if eval_answers is not None
+            else {}
+        ),
     }
 
 
@@ -188,7 +245,10 @@ def train_local(
 
 
 def train_prefect(
-    version: DatasetVersion, settings: TrainingSettings, log: Callable[[str], None]
+    version: DatasetVersion,
+    settings: TrainingSettings,
+    log: Callable[[str], None],
+    answer: AnswerSettings | None = None,
 ) -> dict[str, Any]:
     """Run the training deployment for this version and wait for it."""
     from prefect.client.schemas.objects import FlowRun
@@ -199,7 +259,14 @@ def train_prefect(
     try:
         child: FlowRun = run_deployment(  # type: ignore[assignment]  # sync context: a FlowRun
             name=name,
-            parameters={"params": {"version": version.uri, "backend": settings.prefect.backend}},
+            parameters={
+                "params": {
+                    "version": version.uri,
+                    "backend": settings.prefect.backend,
+                    # The student prompts of the evaluation items (transfer report).
+                    **({"answer": answer.model_dump()} if answer is not None else {}),
+                }
+            },
             timeout=settings.timeout_s,
             # One training run per version: a restarted flow gets the run it already created.
             idempotency_key=f"distillery-train-{version.dataset}-{version.version}",
@@ -255,13 +322,17 @@ def check_backend(settings: TrainingSettings) -> None:
 
 
 def run_training(
-    version: DatasetVersion, settings: TrainingSettings, log: Callable[[str], None]
+    version: DatasetVersion,
+    settings: TrainingSettings,
+    log: Callable[[str], None],
+    answer: AnswerSettings | None = None,
 ) -> dict[str, Any]:
-    """Dispatch to the backend and record the outcome in the version."""
+    """Dispatch to the backend and record the outcome in the version; `answer`: the recipe's
+    answer settings, which the student's evaluation prompts are built with."""
     check_backend(settings)
     if settings.backend == "local":
         seed = int(version.manifest.get("random_seed", 0))
-        outcome = train_local(version, settings, seed=seed, log=log)
+        outcome = train_local(version, settings, seed=seed, log=log, answer=answer)
     elif settings.backend == "openai":
         from distillery.tasks.train_openai import train_openai
 
@@ -279,7 +350,7 @@ def run_training(
             log=log,
         )
     else:
-        outcome = train_prefect(version, settings, log)
+        outcome = train_prefect(version, settings, log, answer)
     outcome = {**outcome, "version_uri": version.uri, "settings": settings.model_dump()}
     record_outcome(version, outcome)
     return outcome
@@ -292,7 +363,9 @@ def run_training(
     persist_result=True,
     version=TRAIN_VERSION,
 )
-def train_student(version_uri: str, settings: TrainingSettings) -> dict[str, Any]:
+def train_student(
+    version_uri: str, settings: TrainingSettings, answer: AnswerSettings | None = None
+) -> dict[str, Any]:
     """Train the student on a published version and record how it went."""
     run_logger = get_run_logger()
     version = resolve_version(version_uri)
@@ -300,7 +373,7 @@ def train_student(version_uri: str, settings: TrainingSettings) -> dict[str, Any
         "training a student on %s %s (backend %s)", version.dataset, version.version,
         settings.backend,
     )  # fmt: skip
-    outcome = run_training(version, settings, run_logger.info)
+    outcome = run_training(version, settings, run_logger.info, answer)
     create_markdown_artifact(
         key="training-report",
         markdown=training_markdown(version, outcome),

@@ -87,6 +87,8 @@ def train_openai(
         "job_id": job.id,
         "fine_tuned_model": job.fine_tuned_model,
         "model": job.model,
+        # Where both models answer (the transfer report asks the base and the fine-tuned one).
+        "base_url": base_url,
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "trained_tokens": job.trained_tokens,
