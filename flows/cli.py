@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         "DISTILLERY_BATCH=1)",
     )
     run.add_argument(
+        "--cache",
+        metavar="URI",
+        help="where teacher answers are cached: a local folder, or s3://bucket/prefix shared by "
+        "every worker of the run (also DISTILLERY_CACHE; default DISTILLERY_CACHE_DIR)",
+    )
+    run.add_argument(
         "--max-cost",
         type=float,
         metavar="USD",
@@ -291,6 +297,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.shards is not None and args.shards < 1:
         print("error: --shards must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+    if args.cache:
+        os.environ["DISTILLERY_CACHE"] = args.cache
+    if (cache := os.environ.get("DISTILLERY_CACHE")) and "://" in cache:
+        from distillery.tasks.teacher.cache import CacheError, SharedStore
+
+        try:  # a bad URI, a missing bucket or no credentials: said now, not mid-run
+            SharedStore(cache)
+        except CacheError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
     from distillery.flows.distill import DistillParams, distill, resolve_endpoint, teacher_gguf
     from distillery.flows.recheck import WAITING

@@ -22,6 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ["DISTILLERY_PROGRESS"] = "false"
 for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):  # a developer's real teacher must never be hit
     os.environ.pop(var, None)
+os.environ.pop("DISTILLERY_CACHE", None)  # nor a developer's shared request cache
 
 from fake_teacher import FakeTeacher, Knobs  # noqa: E402
 

@@ -29,6 +29,15 @@ class EngineSettings(BaseSettings):
         Path.home() / ".cache" / "distillery",
         description="Folder of the durable request cache (teacher-cache.sqlite).",
     )
+    cache: str | None = Field(
+        None,
+        description=(
+            "Where teacher answers are cached: a local folder (instead of cache_dir) or an "
+            "fsspec URI such as s3://bucket/prefix that workers on many machines share (one "
+            "create-only object per request; the sqlite file in cache_dir stays as a local "
+            "first level). CLI: --cache."
+        ),
+    )
     concurrency: int = Field(32, ge=1, description="Teacher requests in flight at once.")
     adaptive_concurrency: bool = Field(
         True,

@@ -36,7 +36,7 @@ from distillery.tasks.teacher.base import (
     plus,
 )
 from distillery.tasks.teacher.batch import BatchSender
-from distillery.tasks.teacher.cache import RequestCache
+from distillery.tasks.teacher.cache import open_cache
 from distillery.tasks.teacher.pacing import ConcurrencyLimit, RateLimiter, Slots, retry_after
 from distillery.tasks.teacher.replies import (
     MalformedReply,
@@ -133,7 +133,7 @@ class TeacherEngine:
         self.endpoint = endpoint
         self.settings = settings
         self.price = check_settings(endpoint, settings)
-        self.cache = RequestCache(settings.cache_dir / "teacher-cache.sqlite")
+        self.cache = open_cache(settings)
         self._api_key = api_key
         self._form: StructuredForm = (
             "json_schema" if endpoint.structured_output == "auto" else endpoint.structured_output
@@ -284,7 +284,7 @@ class TeacherEngine:
         label = run.label
         keys = [r.key(self.endpoint) for r in requests]
         unique: dict[str, ChatRequest] = dict(zip(keys, requests, strict=True))
-        done = self.cache.get_many(list(unique))
+        done = await self.cache.aget_many(list(unique))
         if run.on_result is not None:
             for key, result in done.items():
                 run.on_result(key, result)
@@ -584,7 +584,7 @@ class TeacherEngine:
                 else:
                     self._limiter.observe(raw.headers)
                     result = result_from_body(body, raw.headers.get("x-request-id"))
-                    self.cache.put(key, result)
+                    result = await self.cache.aput(key, result)  # another worker's if first
                     self.charge(
                         run,
                         req,
