@@ -492,7 +492,11 @@ def build_manifest(
         "validation": report.to_dict(),
         "data_docs": report.docs_uri,
         "shortfall": generation.shortfall,
-        "timings_s": {"teacher": generation.seconds, "validate": report.seconds},
+        "timings_s": {
+            "teacher": generation.seconds,
+            "validate": report.seconds,
+            **generation.shard_timings,
+        },
     }
 
 

@@ -10,7 +10,7 @@ each shard's inputs as a Parquet file beside the run, and starts one child flow 
 - from a deployment (a parent run on a work pool): `run_deployment` of the `distill-shard/shard`
   deployment (deployments/prefect.yaml), with an idempotency key per parent run, dispatch and
   shard, so a retried parent never starts a shard twice; a shard whose process died (Crashed:
-  its worker saw it exit, e.g. on SIGKILL) is scheduled again, up to `scale.attempts` runs;
+  its worker saw it exit, e.g. on SIGKILL) gets a new run, up to `scale.attempts` runs;
 - else (the CLI, Prefect's ephemeral mode): the same flow as in-process subflows, one at a time.
 
 Each shard runs today's answer tasks and engine and writes its answered rows as a Parquet part
@@ -37,6 +37,7 @@ from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Annotated, Any
+from uuid import UUID
 
 import fsspec
 import pandas as pd
@@ -50,7 +51,6 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment as this_deployment
-from prefect.states import Scheduled
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
@@ -236,48 +236,56 @@ def merge_parts(folder: str, shards: list[int], inputs: pd.DataFrame, elsewhere:
 
 
 def run_deployed(sharding: Sharding, label: str, shard_params: list[dict[str, Any]]) -> None:
-    """Start one run of the shard deployment per shard, wait for all of them; re-schedule a
-    crashed one (its process died) until it has run `attempts` times."""
+    """Start one run of the shard deployment per shard and wait for all of them; a shard whose
+    run crashed (its process died) gets a new run, until it has had `attempts` runs.
+
+    A new run, not the crashed one scheduled again: a worker reports its run crashed when the
+    run's process exits, which can come after the parent has seen the crash (the process's own
+    report comes first) and would then crash the rescheduled attempt while it runs.
+    """
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
-    runs = {}
-    for params in shard_params:
+
+    def start(params: dict[str, Any], attempt: int) -> UUID:
         i = params["shard"]
-        started = run_deployment(
+        again = f"-attempt-{attempt}" if attempt > 1 else ""
+        run = run_deployment(
             sharding.deployment,  # type: ignore[arg-type]
             parameters=params,
             timeout=0,
-            flow_run_name=f"{sharding.run_id[:8]}-{label}-shard-{i}",
+            flow_run_name=f"{sharding.run_id[:8]}-{label}-shard-{i}{again}",
             # A retried parent finds the shard runs it started, instead of starting more.
-            idempotency_key=f"{sharding.run_id}/{label}/shard-{i}",
+            idempotency_key=f"{sharding.run_id}/{label}/shard-{i}{again}",
         )
-        assert isinstance(started, FlowRun)  # called from sync code: the run, not a coroutine
-        runs[i] = started.id
-    pending = dict(runs)
+        assert isinstance(run, FlowRun)  # called from sync code: the run, not a coroutine
+        return run.id
+
+    attempts = {p["shard"]: 1 for p in shard_params}
+    pending = {p["shard"]: (start(p, 1), p) for p in shard_params}
     with get_client(sync_client=True) as client:
         while pending:
             time.sleep(POLL_S)
-            for i, run_id in list(pending.items()):
+            for i, (run_id, params) in list(pending.items()):
                 run = client.read_flow_run(run_id)
                 state = run.state
                 if state is None or not state.is_final():
                     continue
                 if state.is_completed():
                     del pending[i]
-                elif state.is_crashed() and run.run_count < sharding.attempts:
+                elif state.is_crashed() and attempts[i] < sharding.attempts:
+                    attempts[i] += 1
                     log.warning(
-                        "shard %d (%s) crashed after %d runs (%s): scheduling it again",
-                        i, run.name, run.run_count, state.message,
+                        "shard %d (%s) crashed (%s): starting run %d of it",
+                        i, run.name, state.message, attempts[i],
                     )  # fmt: skip
-                    client.set_flow_run_state(
-                        run_id, Scheduled(name="AwaitingRetry", message="shard crashed"), force=True
-                    )
+                    pending[i] = (start(params, attempts[i]), params)
                 else:
                     raise ShardFailed(
                         f"shard {i} of {label} ({run.name}, flow run {run_id}) ended "
-                        f"{state.name} after {run.run_count} runs: {state.message}; nothing was "
-                        "published. Its answers so far are cached: run the same command again."
+                        f"{state.name} in run {attempts[i]} of {sharding.attempts}: "
+                        f"{state.message}; nothing was published. Its answers so far are "
+                        "cached: run the same command again."
                     )
 
 
