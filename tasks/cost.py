@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,3 +114,85 @@ def format_usd(value: float | None) -> str:
     if value is None:
         return "unknown"
     return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"
+
+
+class Store(Protocol):
+    """What the spend ledger needs of a store (tasks/teacher/cache.py SharedStore)."""
+
+    def write(self, name: str, data: bytes) -> None: ...
+
+    def read_many(self, names: Sequence[str]) -> dict[str, bytes]: ...
+
+    def names(self, folder: str) -> list[str]: ...
+
+
+class SpendLedger:
+    """One spend total for every worker of a budget (DISTILLERY_BUDGET_ID), in a shared store.
+
+    Each writer (one engine in one process) owns one object, `spend/<budget>/<writer>.json`,
+    holding its own running total; only it ever writes there, so concurrent workers never
+    overwrite each other, and the total is the sum over the folder, read on demand. (One object
+    per writer, not one per charge: a sum reads as many objects as there were workers.)
+    """
+
+    def __init__(self, store: Store, budget: str, own: Callable[[], dict[str, float]]) -> None:
+        self._store = store
+        self.folder = f"spend/{budget}"
+        self.writer = uuid.uuid4().hex
+        self._own = own  # this writer's totals now: usd, prompt_tokens, completion_tokens
+        self._others_usd = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, interval_s: float) -> None:
+        """Sync now, then every `interval_s` on a daemon thread until close()."""
+        self.sync()
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.sync()
+                except OSError as exc:  # the store is down a while: the next sync catches up
+                    logger.warning("spend ledger %s: sync failed (%s)", self.folder, exc)
+
+        self._thread = threading.Thread(target=loop, name="distillery-spend", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop syncing, after writing this writer's final totals."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.sync()
+        except OSError as exc:  # closing must go on (the engine closes its cache next)
+            logger.warning("spend ledger %s: final sync failed (%s)", self.folder, exc)
+
+    def sync(self) -> float:
+        """Write this writer's totals, read everyone else's; the others' USD."""
+        own = self._own()
+        self._store.write(f"{self.folder}/{self.writer}.json", json.dumps(own).encode())
+        names = [
+            n for n in self._store.names(self.folder) if not n.endswith(f"/{self.writer}.json")
+        ]
+        others = sum(json.loads(b)["usd"] for b in self._store.read_many(names).values())
+        with self._lock:
+            self._others_usd = others
+        return others
+
+    @property
+    def others_usd(self) -> float:
+        """The other writers' USD at the last sync."""
+        with self._lock:
+            return self._others_usd
+
+    def total(self) -> dict[str, float]:
+        """Every writer's totals summed, as stored now (this one's as of its last sync)."""
+        summed = {"usd": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0, "writers": 0.0}
+        names = self._store.names(self.folder)
+        for blob in self._store.read_many(names).values():
+            for field, value in json.loads(blob).items():
+                summed[field] = summed.get(field, 0.0) + value
+            summed["writers"] += 1
+        return summed

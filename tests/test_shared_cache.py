@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from distillery.tasks.teacher import ChatResult, EngineSettings, TeacherEndpoint, TeacherEngine
+from distillery.tasks.cost import Price
+from distillery.tasks.teacher import (
+    BatchesPending,
+    BudgetExceeded,
+    ChatResult,
+    EngineSettings,
+    TeacherEndpoint,
+    TeacherEngine,
+)
 from distillery.tasks.teacher.cache import (
     SQLITE_NAME,
     CacheError,
@@ -203,3 +211,121 @@ def test_many_keys_are_looked_up_in_one_concurrent_pass(bucket: str, tmp_path: P
     assert len(store.names("requests")) == 200
     fresh.close()
     cache.close()
+
+
+PRICE = Price(input_usd_per_1m=1.0, output_usd_per_1m=2.0)
+
+
+def priced_engine(server: FakeTeacher, cache_dir: Path, **settings: object) -> TeacherEngine:
+    config = EngineSettings(cache_dir=cache_dir, progress=False, **settings)  # type: ignore[arg-type]
+    endpoint = TeacherEndpoint(model="fake-teacher", base_url=server.url, price=PRICE)
+    return TeacherEngine(endpoint, config, api_key="k")
+
+
+@pytest.mark.s3
+def test_workers_of_one_budget_share_one_spend_total_and_one_cap(
+    bucket: str, tmp_path: Path
+) -> None:
+    cache = f"s3://{bucket}/spend"
+    with FakeTeacher(Knobs(latency=0.0, slots=8)) as server:
+        first = priced_engine(server, tmp_path / "a", cache=cache, budget_id="run-1")
+        try:
+            _, call = first.complete(chat_requests(20, "a", 200), "first")
+        finally:
+            first.close()  # its final totals are in the ledger
+        spent = call.cost_usd
+        assert spent is not None and spent > 0
+        one = first.estimate(chat_requests(1, "b", 200)[0])
+        # A second worker of the same budget, capped a few requests above what the first spent:
+        # the first's spend counts, so it stops after a few of its own 20 requests.
+        second = priced_engine(
+            server, tmp_path / "b", cache=cache, budget_id="run-1", max_cost_usd=spent + 3 * one
+        )
+        try:
+            assert second.spent_usd() == pytest.approx(spent)
+            with pytest.raises(BudgetExceeded, match="spending cap"):
+                second.complete(chat_requests(20, "b", 200), "second")
+            assert 0 < second.totals.sent < 20
+            assert second.spend is not None
+        finally:
+            second.close()
+        assert second.spend.total()["usd"] == pytest.approx(spent + (second.totals.cost_usd or 0))
+        assert second.spend.total()["writers"] == 2
+        # Another budget (another run) on the same cache and cap starts from zero.
+        other = priced_engine(
+            server, tmp_path / "c", cache=cache, budget_id="run-2", max_cost_usd=spent + 3 * one
+        )
+        try:
+            _, call = other.complete(chat_requests(3, "c", 200), "other")
+            assert call.sent == 3
+        finally:
+            other.close()
+
+
+@pytest.mark.s3
+def test_a_batch_submitted_by_one_worker_is_collected_by_another_not_paid_again(
+    bucket: str, tmp_path: Path
+) -> None:
+    from fake_openai_batches import FakeOpenAIBatches
+    from fake_openai_batches import Knobs as BatchKnobs
+
+    cache = f"s3://{bucket}/batches"
+
+    def engine(server: FakeOpenAIBatches, folder: str, **settings: object) -> TeacherEngine:
+        config = EngineSettings(
+            cache_dir=tmp_path / folder,
+            cache=cache,
+            progress=False,
+            batch=True,
+            batch_poll_interval_s=0.05,
+            batch_max_poll_interval_s=0.2,
+            **settings,  # type: ignore[arg-type]
+        )
+        endpoint = TeacherEndpoint(model="gpt-4o-mini", base_url=server.base_url, price=PRICE)
+        return TeacherEngine(endpoint, config, api_key="test-key")
+
+    with FakeOpenAIBatches(BatchKnobs(api_key="test-key", batch_seconds=2.0)) as server:
+        first = engine(server, "a", batch_hold_s=0)
+        try:
+            with pytest.raises(BatchesPending):  # submitted, still running: it stops waiting
+                first.complete(chat_requests(8), "answers")
+        finally:
+            first.close()
+        (batch,) = server.batches()
+        second = engine(server, "b")  # another machine: its own sqlite file is empty
+        try:
+            assert second._batches is not None
+            (seen,) = second._batches.ledger.open_chunks()  # the first's batch, from S3
+            assert seen.batch_id == batch["id"] and len(seen.keys) == 8
+            results, call = second.complete(chat_requests(8), "answers")
+        finally:
+            second.close()
+        assert all(f"Buy {i}?" in r.content for i, r in enumerate(results))
+        assert call.sent == 0  # re-attached: nothing submitted again
+        stats = server.stats
+        assert (stats.batches_created, stats.rows_submitted) == (1, 8)
+        # Collected: no worker re-attaches to it again, and a third gets every answer from S3.
+        third = engine(server, "c")
+        try:
+            assert third._batches is not None and third._batches.ledger.open_chunks() == []
+            again, call = third.complete(chat_requests(8), "answers")
+        finally:
+            third.close()
+        assert (call.sent, call.cached) == (0, 8)
+        assert [r.content for r in again] == [r.content for r in results]
+        assert server.stats.total == stats.total
+
+
+@pytest.mark.s3
+def test_the_cli_refuses_a_missing_bucket_before_the_run_starts(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distillery.flows.cli import EXIT_BAD_INPUT, main
+
+    # main() sets DISTILLERY_CACHE from --cache: recorded here, so that it is removed after.
+    monkeypatch.setenv("DISTILLERY_CACHE", str(REPO / "no-cache"))
+    recipe = str(REPO / "recipes" / "stock-advisor.yaml")
+    assert main(["run", recipe, "--cache", "s3://no-such-bucket/c"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "DISTILLERY_CACHE=s3://no-such-bucket/c: the bucket 'no-such-bucket' does not" in err
+    assert not (REPO / "no-cache").exists()

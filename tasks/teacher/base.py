@@ -68,6 +68,19 @@ class EngineSettings(BaseSettings):
             "pass it (CLI: --max-cost)."
         ),
     )
+    budget_id: str | None = Field(
+        None,
+        description=(
+            "Workers with the same budget id share one spend total (a ledger beside the request "
+            "cache) and so one max_cost_usd cap; a sharded run sets it to its run id. None: "
+            "this process's spend only."
+        ),
+    )
+    spend_sync_s: float = Field(
+        5.0,
+        gt=0,
+        description="With a budget id: seconds between two syncs of the shared spend total.",
+    )
     drain_grace_s: float = Field(
         10.0,
         ge=0,

@@ -27,7 +27,7 @@ from distillery.tasks.teacher.base import (
     TeacherError,
     TeacherUnavailable,
 )
-from distillery.tasks.teacher.cache import RequestCache
+from distillery.tasks.teacher.cache import RequestCache, SharedStore
 from distillery.tasks.teacher.replies import chat_completion, describe_refusal, result_from_body
 
 logger = logging.getLogger("distillery.batch")
@@ -79,13 +79,22 @@ def split(lines: Sequence[tuple[str, bytes]], max_requests: int, max_bytes: int)
 
 
 class BatchLedger:
-    """The batches submitted from one cache folder, in the request cache's sqlite file.
+    """The batches submitted from one cache folder, in the request cache's sqlite file, and,
+    with a shared cache (DISTILLERY_CACHE=s3://...), in the shared store too.
 
     A chunk is recorded before its upload and updated as its file and batch are created, so a
     restarted process re-attaches to every batch whose answers it has not yet cached.
+
+    In the shared store each submission is a folder `batches/<chunk>/<created_at>/` of
+    create-only objects: `record.json` (its keys and input file, written once the file is
+    uploaded: a chunk still being uploaded stays this worker's own), `batch_id`, and
+    `collected` (the final status) once its answers are cached. A worker on another machine
+    re-attaches to every submission without `collected` instead of paying for it again. How
+    often a row was resubmitted (`tries`) stays per worker.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared: SharedStore | None = None) -> None:
+        self._shared = shared
         # Used on the engine's loop thread only; closed from the thread that closes the engine.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
         self._db.execute(
@@ -105,7 +114,66 @@ class BatchLedger:
             "SELECT chunk, keys, created_at, input_file_id, batch_id FROM batches "
             "WHERE collected = 0 ORDER BY created_at"
         )
-        return [Chunk(c, json.loads(k), t, f, b) for c, k, t, f, b in rows]
+        chunks = {c: Chunk(c, json.loads(k), t, f, b) for c, k, t, f, b in rows}
+        for chunk in self._shared_open():
+            mine = chunks.get(chunk.id)
+            if mine is None or (mine.batch_id is None and chunk.created_at >= mine.created_at):
+                chunks[chunk.id] = chunk  # another worker's, or further along than ours
+        return sorted(chunks.values(), key=lambda c: c.created_at)
+
+    def _shared_open(self) -> list[Chunk]:
+        """The shared store's submissions without `collected`: every worker's open batches."""
+        if self._shared is None:
+            return []
+        folders: dict[str, set[str]] = collections.defaultdict(set)
+        for name in self._shared.names("batches"):
+            folder, _, item = name.rpartition("/")
+            folders[folder].add(item)
+        wanted = [f for f, items in folders.items() if "record.json" in items]
+        wanted = [f for f in wanted if "collected" not in folders[f]]
+        blobs = self._shared.read_many(
+            [f"{f}/{item}" for f in wanted for item in ("record.json", "batch_id")]
+        )
+        chunks = []
+        for folder in wanted:
+            record = json.loads(blobs[f"{folder}/record.json"])
+            batch_id = blobs.get(f"{folder}/batch_id")
+            chunks.append(
+                Chunk(
+                    record["chunk"],
+                    record["keys"],
+                    record["created_at"],
+                    record["input_file_id"],
+                    batch_id.decode() if batch_id is not None else None,
+                )
+            )
+        return chunks
+
+    def _folder(self, chunk: str) -> str | None:
+        """The shared folder of this chunk's newest local submission (None: no shared store)."""
+        if self._shared is None:
+            return None
+        row = self._db.execute("SELECT created_at FROM batches WHERE chunk = ?", (chunk,))
+        found = row.fetchone()
+        return None if found is None else f"batches/{chunk}/{found[0]:.6f}"
+
+    def _share(self, chunk: str, column: str, value: str) -> None:
+        folder = self._folder(chunk)
+        if folder is None or self._shared is None:
+            return
+        if column == "input_file_id":
+            ((keys, created_at),) = self._db.execute(
+                "SELECT keys, created_at FROM batches WHERE chunk = ?", (chunk,)
+            )
+            record = {
+                "chunk": chunk,
+                "keys": json.loads(keys),
+                "created_at": created_at,
+                "input_file_id": value,
+            }
+            self._shared.create(f"{folder}/record.json", json.dumps(record).encode())
+        elif column in ("batch_id", "collected"):
+            self._shared.create(f"{folder}/{column}", value.encode())
 
     def add(self, chunk: Chunk) -> None:
         # Replaces only a collected chunk of the same keys: an open one would have been attached.
@@ -116,12 +184,42 @@ class BatchLedger:
 
     def set(self, chunk: str, column: str, value: str) -> None:
         assert column in ("input_file_id", "batch_id", "status")
+        self._adopt(chunk)
         self._db.execute(f"UPDATE batches SET {column} = ? WHERE chunk = ?", (value, chunk))
+        self._share(chunk, column, value)
 
     def collected(self, chunk: str, status: str) -> None:
+        self._adopt(chunk)
         self._db.execute(
             "UPDATE batches SET collected = 1, status = ? WHERE chunk = ?", (status, chunk)
         )
+        self._share(chunk, "collected", status)
+
+    def _adopt(self, chunk: str) -> None:
+        """A shared submission re-attached by this worker: recorded locally too, under the same
+        created_at, so that its updates reach the same shared folder."""
+        if self._shared is None:
+            return
+        row = self._db.execute(
+            "SELECT created_at, collected FROM batches WHERE chunk = ?", (chunk,)
+        ).fetchone()
+        if row is not None and not row[1]:
+            return  # ours, open
+        for found in self._shared_open():
+            if found.id == chunk and (row is None or found.created_at > row[0]):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO batches (chunk, keys, created_at, input_file_id, "
+                    "batch_id) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        chunk,
+                        json.dumps(found.keys),
+                        found.created_at,
+                        found.input_file_id,
+                        found.batch_id,
+                    ),
+                )
+                return
 
     def drop(self, chunk: str) -> None:
         self._db.execute("DELETE FROM batches WHERE chunk = ?", (chunk,))
@@ -202,7 +300,7 @@ class BatchSender:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.ledger = BatchLedger(engine.cache.path)
+        self.ledger = BatchLedger(engine.cache.path, engine.cache.shared)
         self._client = engine.sdk_client().with_options(max_retries=API_RETRIES)
         # Chunks being submitted or waited for by this process: a second call that needs some
         # of their requests waits for the same task instead of submitting them again.
@@ -243,7 +341,7 @@ class BatchSender:
             # A task cancelled by another call's failure: its chunk is attached next round.
             ended = [t.result() for t in tasks if not t.cancelled()]
             batch_ids += [b.id for b in ended]
-            landed = engine.cache.get_many(list(pending))
+            landed = await engine.cache.aget_many(list(pending))
             self.ledger.forget(list(landed))
             self._land(landed, pending, run, done)
             pending = {k: r for k, r in pending.items() if k not in done}
@@ -449,25 +547,28 @@ class BatchSender:
                 "check the recipe's teacher settings (model, max_tokens, structured_output)."
             )
         seen: set[str] = set()
+        answers: dict[str, ChatResult] = {}
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
             content = await self._client.files.content(file_id, timeout=FILE_TIMEOUT_S)
             for line in content.content.splitlines():
                 if line.strip():
-                    seen.add(self._take(json.loads(line)))
+                    seen.add(self._take(json.loads(line), answers))
+        # At once: with a shared store, its create-only writes go out concurrently.
+        await self.engine.cache.aput_many(answers)
         for key in set(chunk.keys) - seen:
             self._why[key] = f"batch {batch.status} before answering it"
         self.ledger.collected(chunk.id, batch.status)
         logger.info("batch %s %s: answers cached", batch.id, batch.status)
 
-    def _take(self, row: dict[str, Any]) -> str:
-        """Cache one output-file row if it is an answer; its key."""
+    def _take(self, row: dict[str, Any], answers: dict[str, ChatResult]) -> str:
+        """Put one output-file row into `answers` if it is an answer; its key."""
         key = str(row.get("custom_id"))
         response = row.get("response") or {}
         if response.get("status_code") == 200:
             body = chat_completion(response["body"])
-            self.engine.cache.put(key, result_from_body(body, response.get("request_id")))
+            answers[key] = result_from_body(body, response.get("request_id"))
             self._why.pop(key, None)
             return key
         error = row.get("error") or (response.get("body") or {}).get("error") or {}

@@ -15,6 +15,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import Any
 
 import fsspec
 
-from distillery.tasks.teacher.base import ChatResult, EngineSettings, TeacherError
+from distillery.tasks.cost import SpendLedger
+from distillery.tasks.teacher.base import CallStats, ChatResult, EngineSettings, TeacherError
 
 SQLITE_NAME = "teacher-cache.sqlite"
 # Threads that wait on the shared store for the engine's loop (reads and create-only writes):
@@ -43,7 +45,15 @@ class SharedStore:
         try:
             # Its own filesystem object: fsspec's instance cache would hand every store the
             # first one's credentials and session.
-            self.fs, root = fsspec.core.url_to_fs(self.uri, skip_instance_cache=True)
+            protocol = fsspec.core.split_protocol(self.uri)[0]
+            # botocore keeps 10 connections a client by default: fewer than the answers in
+            # flight that upload at once, or the GETs of one look-up.
+            options = (
+                {"config_kwargs": {"max_pool_connections": 2 * SHARED_IO_THREADS}}
+                if protocol in ("s3", "s3a")
+                else {}
+            )
+            self.fs, root = fsspec.core.url_to_fs(self.uri, skip_instance_cache=True, **options)
         except (ValueError, ImportError) as exc:
             raise CacheError(
                 f"{setting}={uri!r} is not a usable store ({exc}): give a local folder or a URI "
@@ -92,14 +102,29 @@ class SharedStore:
         """Write `name` unless it exists (True: written). On S3 `xb` is one conditional PUT
         (`If-None-Match: *`, s3fs), so of two racing writers exactly one wins."""
         path = self.path(name)
-        if self._local:
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         try:
-            with self.fs.open(path, "xb") as f:
-                f.write(data)
+            if self._local:
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                with self.fs.open(path, "xb") as f:
+                    f.write(data)
+            else:
+                # One PUT with If-None-Match: * (s3fs: mode="create"); fs.open(path, "xb") sends
+                # the same PUT on close but first a HEAD and a LIST: three round trips, not one.
+                self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
         return True
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write `name`, replacing it: only for objects that one writer owns (SpendLedger)."""
+        path = self.path(name)
+        if not self._local:
+            self.fs.pipe_file(path, data)  # one PUT: a reader sees the old or the new object
+            return
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        part = f"{path}.{uuid.uuid4().hex}.part"  # renamed into place: never read half-written
+        self.fs.pipe_file(part, data)
+        self.fs.mv(part, path)
 
     def read(self, name: str) -> bytes | None:
         return self.read_many([name]).get(name)
@@ -257,6 +282,12 @@ class RequestCache:
             return self.put(key, result)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.put, key, result)
 
+    async def aput_many(self, results: Mapping[str, ChatResult]) -> dict[str, ChatResult]:
+        if self._pool is None:
+            return self.put_many(results)
+        # On a thread of the default executor: put_many itself waits on the cache's threads.
+        return await asyncio.to_thread(self.put_many, results)
+
     def keys(self) -> Iterable[str]:
         """Every key in the local file (for tests and inspection)."""
         with self._lock:
@@ -286,3 +317,29 @@ def open_cache(settings: EngineSettings) -> RequestCache:
         folder = Path(location).expanduser() if location else settings.cache_dir
         return RequestCache(folder / SQLITE_NAME)
     return RequestCache(settings.cache_dir / SQLITE_NAME, SharedStore(location))
+
+
+def records_store(settings: EngineSettings, cache: RequestCache) -> SharedStore:
+    """Where the records that workers share live beside the answers (the spend ledger): the
+    shared store, or the local cache folder when there is none."""
+    return cache.shared if cache.shared is not None else SharedStore(str(cache.path.parent))
+
+
+def spend_ledger(
+    settings: EngineSettings, cache: RequestCache, totals: CallStats
+) -> SpendLedger | None:
+    """With DISTILLERY_BUDGET_ID: this engine's entry in the budget's ledger, synced every
+    spend_sync_s on a thread of its own; without one, None (a budget of this process only)."""
+    if settings.budget_id is None:
+        return None
+
+    def own() -> dict[str, float]:
+        return {
+            "usd": totals.cost_usd or 0.0,
+            "prompt_tokens": totals.prompt_tokens,
+            "completion_tokens": totals.completion_tokens,
+        }
+
+    ledger = SpendLedger(records_store(settings, cache), settings.budget_id, own)
+    ledger.start(settings.spend_sync_s)
+    return ledger

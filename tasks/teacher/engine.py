@@ -36,7 +36,7 @@ from distillery.tasks.teacher.base import (
     plus,
 )
 from distillery.tasks.teacher.batch import BatchSender
-from distillery.tasks.teacher.cache import open_cache
+from distillery.tasks.teacher.cache import open_cache, spend_ledger
 from distillery.tasks.teacher.pacing import ConcurrencyLimit, RateLimiter, Slots, retry_after
 from distillery.tasks.teacher.replies import (
     MalformedReply,
@@ -172,6 +172,8 @@ class TeacherEngine:
         self.totals = CallStats()
         self.planned = 0  # unique requests of every call so far (progress)
         self.finished = 0  # of which answered, from the cache or the teacher
+        # With DISTILLERY_BUDGET_ID, the other workers' spend counts against the cap too.
+        self.spend = spend_ledger(settings, self.cache, self.totals)
         self._batches: BatchSender | None = None
         if settings.batch:
             self._batches = BatchSender(self)
@@ -405,7 +407,7 @@ class TeacherEngine:
 
     def _budget_error(self, label: str, undone: int) -> BudgetExceeded:
         cap = self.settings.max_cost_usd or 0.0
-        spent = self.totals.cost_usd or 0.0
+        spent = self.spent_usd()
         return BudgetExceeded(
             f"{label}: stopped at the spending cap of {format_usd(cap)} (DISTILLERY_MAX_COST_USD / "
             f"--max-cost): {format_usd(spent)} spent, and the next request could pass the cap; "
@@ -467,13 +469,18 @@ class TeacherEngine:
             raise asyncio.CancelledError  # another request of this call failed: send no more
         cap = self.settings.max_cost_usd
         if cap is not None:
-            spent = self.totals.cost_usd or 0.0
+            spent = self.spent_usd()
             # Spent + what is on the wire + this request, all at their upper bounds: once that
             # could pass the cap, nothing more is sent (a smaller request later would only
             # trickle on to the cap).
             if self._over_budget or spent + self._in_flight_usd + estimate > cap:
                 self._over_budget = True
                 raise _OverBudget
+
+    def spent_usd(self) -> float:
+        """USD spent by this engine, plus by the budget's other workers (DISTILLERY_BUDGET_ID)."""
+        others = self.spend.others_usd if self.spend is not None else 0.0
+        return (self.totals.cost_usd or 0.0) + others
 
     def estimate(self, req: ChatRequest, batch: bool = False) -> float:
         """The request's worst case in USD (prompt chars / 4 + max_tokens); 0 if unpriced."""
@@ -649,6 +656,8 @@ class TeacherEngine:
             raise
         finally:
             self._loop.stop()
+            if self.spend is not None:
+                self.spend.close()
             self.cache.close()
             if self._batches is not None:
                 self._batches.close()
