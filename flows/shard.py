@@ -111,6 +111,7 @@ class Sharding:
     slots: int  # its size: shards answering at once
     deployment: str | None  # None: in-process subflows
     attempts: int
+    budget_id: str | None  # the spend ledger the shards share (DISTILLERY_BUDGET_ID)
 
 
 def plan_sharding(
@@ -132,6 +133,14 @@ def plan_sharding(
         )
     name = limit_name(endpoint)
     slots = ensure_limit(name, recipe.scale.max_running or shards)
+    budget = None
+    if deployed:
+        # One spend total (and one --max-cost cap) for the parent and its shards, each its own
+        # process: the run's id, unless the workers were given a budget of their own. Set in
+        # this process before its engine is made (a deployed parent runs in a process of its
+        # own; in-process shards share the parent's engine, and so its spend).
+        budget = settings.budget_id or run_id
+        os.environ["DISTILLERY_BUDGET_ID"] = budget
     return Sharding(
         shards=shards,
         folder=output.rstrip("/") + f"/{recipe.name}/runs/{run_id}/shards",
@@ -140,6 +149,7 @@ def plan_sharding(
         slots=slots,
         deployment=recipe.scale.deployment if deployed else None,
         attempts=recipe.scale.attempts,
+        budget_id=budget,
     )
 
 
@@ -190,6 +200,7 @@ def dispatch(
             # In-process shards run one at a time: each takes the whole budget.
             "occupy": 1 if s.deployment else s.slots,
             "rate_share": 1 / s.slots if s.deployment else 1.0,
+            "budget_id": s.budget_id,
         }
         for i in wanted
     ]
@@ -316,12 +327,16 @@ def read_bytes(uri: str) -> bytes:
         return bytes(f.read())
 
 
-def _use_rate_share(endpoint: TeacherEndpoint, share: float) -> None:
-    """This process's engine for `endpoint` paces to `share` of the endpoint's limits."""
-    if EngineSettings().rate_share == share:
+def _use_settings(endpoint: TeacherEndpoint, share: float, budget_id: str | None) -> None:
+    """This process's engine for `endpoint` paces to `share` of the endpoint's limits and counts
+    its spend in the ledger `budget_id` (None: as the environment says)."""
+    settings = EngineSettings()
+    if settings.rate_share == share and budget_id in (None, settings.budget_id):
         return
     # The engine reads its settings from the environment when it is made (tasks/teacher).
     os.environ["DISTILLERY_RATE_SHARE"] = repr(share)
+    if budget_id is not None:
+        os.environ["DISTILLERY_BUDGET_ID"] = budget_id
     close_engine(endpoint)
 
 
@@ -355,11 +370,15 @@ def distill_shard(
     rate_share: Annotated[
         float, Field(gt=0, le=1, description="Share of the endpoint's RPM and TPM it paces to.")
     ] = 1.0,
+    budget_id: Annotated[
+        str | None,
+        Field(description="Spend ledger shared with the parent and the other shards (None: own)."),
+    ] = None,
 ) -> dict[str, Any]:
     """Answer one shard's inputs; write the answered rows as a Parquet part."""
     inputs = read_frame(f"{folder}/inputs-{shard}.parquet")[INPUT_COLUMNS]
     with _slots(limit, occupy):
-        _use_rate_share(endpoint, rate_share)
+        _use_settings(endpoint, rate_share, budget_id)
         engine = get_engine(endpoint)
         before = dataclasses.replace(engine.totals)
         futures: list[PrefectFuture[AnswerResult]] = []

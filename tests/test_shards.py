@@ -388,6 +388,9 @@ def test_three_shards_on_two_workers_publish_every_input_answered_once(
     assert set(rows["id"]) <= everything
     # Every request answered once, but for what the killed shard had in flight.
     assert deployed.stats.answered_twice <= SHARD_CONCURRENCY
+    # One spend ledger for the run: the parent's entry and each finished shard run's.
+    ledger = fs.glob(f"shards/teacher-cache/spend/{deployed.parent['id']}/*")
+    assert len(ledger) >= SHARDS + 1, ledger
 
 
 @pytest.mark.slow
