@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from distillery.flows.distill import distill
-from distillery.flows.shard import limit_name, shard_of
+from distillery.flows.shard import ShardFailed, limit_name, merge_parts, shard_of, write_frame
 from distillery.tasks.answer import build_answer_request
 from distillery.tasks.recipe import load_recipe
 from distillery.tasks.teacher import TeacherEndpoint
@@ -109,6 +109,20 @@ def test_in_process_shards_take_the_endpoints_global_concurrency_limit(
     with get_client(sync_client=True) as client:
         found = client.read_global_concurrency_limit_by_name(limit_name(endpoint))
     assert found.limit == 2 and found.active_slots == 0
+
+
+def test_merge_refuses_parts_that_miss_an_input(tmp_path: Path) -> None:
+    """A part lost or cut short fails the run before anything is validated or published."""
+    inputs = pd.DataFrame({"id": ["a", "b", "c"], "user_context": ["x"] * 3, "question": ["q"] * 3})
+    write_frame(f"{tmp_path}/part-0.parquet", inputs.iloc[:2].assign(answer="fine"))
+    counters = {"stats": {}, "sent": {}, "rejects": {}}
+    (tmp_path / "stats-0.json").write_text(json.dumps(counters))
+    with pytest.raises(ShardFailed, match=r"1 inputs came back from no shard .* \(e\.g\. c\)"):
+        merge_parts(str(tmp_path), [0], inputs, elsewhere=True)
+    write_frame(f"{tmp_path}/part-1.parquet", inputs.iloc[2:].assign(answer="fine"))
+    (tmp_path / "stats-1.json").write_text(json.dumps(counters))
+    merged = merge_parts(str(tmp_path), [1, 0], inputs, elsewhere=True)
+    assert list(merged.answers.rows["id"]) == ["a", "b", "c"]  # in the order of the inputs
 
 
 def test_rate_share_scales_set_and_learned_limits() -> None:
