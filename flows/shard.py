@@ -261,14 +261,21 @@ def run_deployed(sharding: Sharding, label: str, shard_params: list[dict[str, An
     def start(params: dict[str, Any], attempt: int) -> UUID:
         i = params["shard"]
         again = f"-attempt-{attempt}" if attempt > 1 else ""
-        run = run_deployment(
-            sharding.deployment,  # type: ignore[arg-type]
-            parameters=params,
-            timeout=0,
-            flow_run_name=f"{sharding.run_id[:8]}-{label}-shard-{i}{again}",
-            # A retried parent finds the shard runs it started, instead of starting more.
-            idempotency_key=f"{sharding.run_id}/{label}/shard-{i}{again}",
-        )
+        try:
+            run = run_deployment(
+                sharding.deployment,  # type: ignore[arg-type]
+                parameters=params,
+                timeout=0,
+                flow_run_name=f"{sharding.run_id[:8]}-{label}-shard-{i}{again}",
+                # A retried parent finds the shard runs it started, instead of starting more.
+                idempotency_key=f"{sharding.run_id}/{label}/shard-{i}{again}",
+            )
+        except ObjectNotFound:
+            raise ShardFailed(
+                f"no deployment {sharding.deployment} on this Prefect server to run the shards "
+                "on: deploy it (prefect --no-prompt deploy --prefect-file "
+                "deployments/prefect.yaml --name shard) or set the recipe's scale.deployment."
+            ) from None
         assert isinstance(run, FlowRun)  # called from sync code: the run, not a coroutine
         return run.id
 
