@@ -271,7 +271,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iter
     def start(name: str, *args: str) -> subprocess.Popen[bytes]:
         log = home / f"{name}.log"
         with log.open("wb") as out:
-            # Its own session (a worker started otherwise ignores SIGTERM: STACK-NOTES).
+            # Its own session: a worker started with a plain `&` ignores SIGTERM (flows/stack.py).
             proc = subprocess.Popen(
                 [sys.executable, "-m", "prefect", *args], cwd=REPO, env=env,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
