@@ -22,6 +22,10 @@ own process, as a real endpoint would; the `distillery` runs use a Prefect serve
 6. Batch mode against a loopback /v1/files + /v1/batches server.
 7. The judge stage: the whole flow with the recipe's judge on and off (fake teacher, 64 slots x
    0.2 s): judge requests per answered row and the judge's share of the run's time.
+8. Shards: the whole flow for 20,000 examples from the `distill/adhoc` deployment on a local
+   process pool, answered in 1 (the parent alone), 2 and 4 shards (`distill-shard/shard` runs on
+   a second pool), each process capped at 16 requests in flight: throughput per shard count and
+   the parent's planning and merging overhead.
 """
 
 from __future__ import annotations
@@ -1103,9 +1107,161 @@ def bench_scale(work: Path, sizes: list[int]) -> Section:
 # --------------------------------------------------------------------------------------------
 
 
+def bench_shards(work: Path, examples: int, counts: list[int]) -> Section:
+    """Item 8: 1 vs 2 vs 4 shards of the same run on a local process pool (flows/shard.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.workers.process import ProcessWorker
+
+    slots, latency, per_process = 64, 0.2, 16
+    section = Section(
+        "8. Shards on a local process pool",
+        f".venv/bin/python bench/run.py --only 8 --shards-examples {examples} "
+        f"--shard-counts {','.join(map(str, counts))}",
+    )
+    home = work / "shards"
+    home.mkdir(parents=True, exist_ok=True)
+    rows, seconds = [], {}
+    with prefect_server_process(home / "prefect-server") as (api_url, _):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))}
+        env.update(
+            PREFECT_API_URL=api_url,
+            PREFECT_HOME=str(home / "prefect-home"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            DISTILLERY_HOME=str(REPO),
+            DISTILLERY_OUTPUT=str(home / "out"),
+            DISTILLERY_CACHE_DIR=str(home / "cache"),
+            # The per-process ceiling: each shard (and the parent alone) has 16 requests in
+            # flight at most, as one worker of a fixed size would.
+            DISTILLERY_CONCURRENCY=str(per_process),
+            DISTILLERY_ADAPTIVE_CONCURRENCY="false",
+            DISTILLERY_PROGRESS="false",
+        )
+        template = ProcessWorker.get_default_base_job_template()
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(
+                WorkPoolCreate(name="distillery-process", type="process",
+                               base_job_template=template)
+            )  # fmt: skip
+            client.create_work_pool(
+                WorkPoolCreate(name="distillery-shards", type="process",
+                               base_job_template=template, concurrency_limit=max(counts))
+            )  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
+             "deployments/prefect.yaml", "--name", "adhoc", "--name", "shard"],
+            cwd=REPO, env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+                cwd=REPO,
+                env=env,
+                stdout=(home / f"worker-{pool}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            for pool in ("distillery-process", "distillery-shards")
+        ]
+        try:
+            for shards in counts:
+                # A fresh teacher (a new port: new request keys) per count: nothing cached.
+                with fake_teacher("--latency", str(latency), "--slots", str(slots)) as teacher:
+                    out = home / f"out-{shards}"
+                    with get_client(sync_client=True) as client:
+                        deployment = client.read_deployment_by_name("distill/adhoc")
+                        run = client.create_flow_run_from_deployment(
+                            deployment.id,
+                            parameters={
+                                "recipe": str(RECIPE), "examples": examples, "output": str(out),
+                                "teacher_base_url": teacher.url, "teacher_model": "fake-teacher",
+                                "train": False, "shards": shards,
+                            },
+                        )  # fmt: skip
+                        while True:
+                            time.sleep(2)
+                            run = client.read_flow_run(run.id)
+                            if run.state is not None and run.state.is_final():
+                                break
+                        assert run.state.is_completed(), f"{shards} shards: {run.state}"
+                        shard_runs = [
+                            r
+                            for r in client.read_flow_runs(
+                                flow_filter=FlowFilter(name=FlowFilterName(any_=["distill-shard"]))
+                            )
+                            if str(run.id) in r.parameters["folder"]
+                        ]
+                    version = (out / "stock-advisor" / "LATEST").read_text().strip()
+                    manifest = json.loads(
+                        (out / "stock-advisor" / version / "manifest.json").read_text()
+                    )
+                    stats = teacher.stats()
+                timings = manifest["timings_s"]
+                wall = run.total_run_time.total_seconds()
+                spans = [(r.start_time, r.end_time) for r in shard_runs]
+                phase = (
+                    (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds()
+                    if spans
+                    else None
+                )
+                seconds[shards] = float(timings["teacher"])
+                rows.append(
+                    [
+                        str(shards),
+                        f"{wall:.0f}",
+                        f"{timings['teacher']:.0f}",
+                        f"{examples / timings['teacher']:.0f}",
+                        f"{phase:.0f}" if phase is not None else "in the parent",
+                        f"{timings.get('shard_plan', 0):.2f}",
+                        f"{timings.get('shard_merge', 0):.2f}",
+                        str(stats["answered"]),
+                        str(stats["max_in_flight"]),
+                    ]
+                )
+                print(f"  {shards} shards: {rows[-1]}", file=sys.stderr, flush=True)
+        finally:
+            for worker in workers:
+                os.killpg(worker.pid, signal.SIGTERM)
+            for worker in workers:
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+    section.lines += [
+        f"The fake teacher: {slots} slots x {latency} s (a ceiling of {slots / latency:.0f} "
+        f"answers/s), a fresh one per shard count; every process (the parent, each shard) has "
+        f"{per_process} requests in flight at most (`DISTILLERY_CONCURRENCY`, adaptive off). "
+        f"{examples:,} examples, `--from-scratch` by construction (a fresh output). The parent "
+        "expands; the shards answer. Teacher stage: expansion plus answers (the manifest's "
+        "`timings_s.teacher`); shard phase: first shard start to last shard end (Prefect's "
+        "API); plan: hashing the request keys and writing the shards' inputs; merge: reading "
+        "the parts back.",
+        "",
+    ]
+    section.table(
+        ["shards", "run s", "teacher stage s", "examples/s (teacher stage)", "shard phase s",
+         "plan s", "merge s", "requests answered", "most in flight at the teacher"],
+        rows,
+    )  # fmt: skip
+    base = seconds.get(1)
+    for shards in counts[1:]:
+        if base:
+            section.verdict(
+                f"teacher stage, 1 vs {shards} shards (speed-up)",
+                ratio(base, seconds[shards]), "> 1", seconds[shards] < base,
+            )  # fmt: skip
+    return section
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Item 8 (shards, about 11 min) is run on its own: --only 8.
     parser.add_argument("--only", default="1a,1b,2,3,4,5,6,7", help="items, comma-separated")
+    parser.add_argument("--shards-examples", type=int, default=20_000, help="item 8's size")
+    parser.add_argument("--shard-counts", default="1,2,4", help="item 8's shard counts")
     parser.add_argument("--flow-repeats", type=int, default=5, help="repeats of items 1b, 7")
     parser.add_argument(
         "--scale", default="10000,100000", help="example counts of item 5, comma-separated"
@@ -1153,6 +1309,8 @@ def main() -> None:
                 run("7", lambda: bench_judge(api_url, work / "judge", 1000, args.flow_repeats))
         sizes = [int(n) for n in args.scale.split(",")]
         run("5", lambda: bench_scale(work, sizes))
+        counts = [int(n) for n in args.shard_counts.split(",")]
+        run("8", lambda: bench_shards(work, args.shards_examples, counts))
     verdicts = [v for s in sections for v in s.verdicts]
     summary = ["| figure | measured | target | |", "|---|---|---|---|", *verdicts]
     text = "\n".join(

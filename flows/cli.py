@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
         "answered stays cached (also DISTILLERY_MAX_COST_USD)",
     )
 
+    run.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="split the answer stage into N shards, one child flow run each, in this process "
+        "(from a deployment: runs of distill-shard/shard on its work pool); default: the "
+        "recipe's scale.shards",
+    )
+
     train = sub.add_parser("train", help="train a student on a published dataset version")
     train.add_argument(
         "version", help="version folder (<output>/<dataset>/<version>) or dataset folder (LATEST)"
@@ -288,6 +297,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch:
         os.environ["DISTILLERY_BATCH"] = "1"
 
+    if args.shards is not None and args.shards < 1:
+        print("error: --shards must be at least 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
     if args.cache:
         os.environ["DISTILLERY_CACHE"] = args.cache
     if (cache := os.environ.get("DISTILLERY_CACHE")) and "://" in cache:
@@ -326,6 +339,7 @@ def _run(args: argparse.Namespace) -> int:
         refresh=not args.from_scratch,
         review=args.review,
         notify=args.notify,
+        shards=args.shards,
     )
     if (recipe.review.enabled if args.review is None else args.review) and not os.environ.get(
         "PREFECT_API_URL"

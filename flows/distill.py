@@ -27,6 +27,7 @@ from distillery.flows import artifacts, recheck
 from distillery.flows.artifacts import asset_key
 from distillery.flows.notify import notify_failure
 from distillery.flows.review import review_gate
+from distillery.flows.shard import Sharding, dispatch, plan_sharding
 from distillery.tasks import embedded
 from distillery.tasks.answer import AnswerResult, answer_inputs
 from distillery.tasks.cost import price_for
@@ -49,7 +50,7 @@ from distillery.tasks.judge import (
     judge_summary,
 )
 from distillery.tasks.memory import release_freed_memory
-from distillery.tasks.recipe import Recipe, load_recipe, target_size
+from distillery.tasks.recipe import Recipe, RecipeError, load_recipe, target_size
 from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS
 from distillery.tasks.refresh import (
     Previous,
@@ -100,6 +101,7 @@ class DistillParams:
     review: bool | None = None
     refresh: bool = True
     notify: str | None = None
+    shards: int | None = None
 
 
 def resolve_endpoint(
@@ -194,6 +196,10 @@ class AnswerStage:
         # The evaluation items' reference answers: answered like any input, never a row.
         self.reference: AnswerResult | None = None
         self._reference: PrefectFuture[AnswerResult] | None = None
+        # What other processes sent for this stage (the shards of a sharded run, flows/shard.py),
+        # and the parent's own work to plan and merge the shards (seconds).
+        self.sent_elsewhere = CallStats()
+        self.timings: dict[str, float] = {}
 
     def submit(self, inputs: pd.DataFrame, cycle: int) -> None:
         """Answer `inputs` (at most `size` rows) in one task."""
@@ -256,6 +262,7 @@ class Generation:
     structured_form: str = ""  # how the endpoint took structured output in the end
     judge: dict[str, Any] | None = None  # the judge stage's counts (tasks/judge.py judge_summary)
     pending: BatchesPending | None = None  # batches still running after the hold: stopped
+    shard_timings: dict[str, float] = field(default_factory=dict)  # a sharded run's plan, merge
 
     @property
     def requests_cached(self) -> int:
@@ -277,6 +284,7 @@ def generate(
     plan: RefreshPlan,
     batch_size: int,
     judge: TeacherEndpoint | None = None,
+    sharding: Sharding | None = None,
 ) -> Generation:
     """Answer what the plan lists, then expand and answer until the plan's goal is reached.
 
@@ -295,7 +303,7 @@ def generate(
     started = time.monotonic()
     stats = CallStats()
     inputs = pd.concat([plan.kept[INPUT_COLUMNS], plan.to_answer], ignore_index=True)
-    answers = AnswerStage(recipe, endpoint, batch_size, judge)
+    answers = answer_stage(recipe, endpoint, batch_size, sharding, judge)
     with _until_batches_pending(out, answers), artifacts.TeacherProgress(engine, plan.goal):
         if len(plan.to_answer):
             answers.submit_all(plan.to_answer, 0)
@@ -343,9 +351,55 @@ def generate(
     if judge is not None:
         judged = [a for a in answers.results if isinstance(a, JudgedAnswers)]
         out.judge = judge_summary(judged, str(flow_run.get_id() or ""))
+    out.this_run.add(answers.sent_elsewhere)
+    out.shard_timings = {f"shard_{k}": round(v, 2) for k, v in answers.timings.items()}
     out.seconds = round(time.monotonic() - started, 2)
     out.structured_form = engine.structured_form
     return out
+
+
+def answer_stage(
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    batch_size: int,
+    sharding: Sharding | None,
+    judge: TeacherEndpoint | None = None,
+) -> AnswerStage:
+    """The answer stage: in this process, or in shards (`sharding`: flows/shard.py's plan;
+    plan_shards refuses the judge with shards)."""
+    if sharding is None:
+        return AnswerStage(recipe, endpoint, batch_size, judge)
+    return ShardedAnswers(recipe, endpoint, batch_size, sharding)
+
+
+class ShardedAnswers(AnswerStage):
+    """The answer stage of a sharded run: inputs are gathered as they come, and answered by the
+    shards (flows/shard.py) each time the flow collects, after each expansion cycle."""
+
+    def __init__(
+        self, recipe: Recipe, endpoint: TeacherEndpoint, size: int, sharding: Sharding
+    ) -> None:
+        super().__init__(recipe, endpoint, size)
+        self.sharding = sharding
+        self._gathered: list[pd.DataFrame] = []
+        self._dispatches = 0
+
+    def submit(self, inputs: pd.DataFrame, cycle: int) -> None:
+        self._gathered.append(inputs)
+        self._pending_rows += len(inputs)
+
+    def collect(self) -> None:
+        gathered, self._gathered = self._gathered, []
+        super().collect()  # the evaluation items' task, answered here
+        if gathered:
+            self._dispatches += 1
+            inputs = pd.concat(gathered, ignore_index=True)
+            label = f"answers-{self._dispatches}"
+            merged = dispatch(
+                self.sharding, self.recipe, self.endpoint, self.size, inputs, label, self.timings
+            )
+            self.results.append(merged.answers)
+            self.sent_elsewhere.add(merged.sent_elsewhere)
 
 
 def expand_and_answer(
@@ -483,7 +537,11 @@ def build_manifest(
         "validation": report.to_dict(),
         "data_docs": report.docs_uri,
         "shortfall": generation.shortfall,
-        "timings_s": {"teacher": generation.seconds, "validate": report.seconds},
+        "timings_s": {
+            "teacher": generation.seconds,
+            "validate": report.seconds,
+            **generation.shard_timings,
+        },
     }
 
 
@@ -566,6 +624,18 @@ def distill(
             )
         ),
     ] = None,
+    shards: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=1024,
+            description=(
+                "Split the answer stage into this many shards, one child flow run each (the "
+                "distill-shard/shard deployment from a deployment, in-process otherwise); "
+                "default: the recipe's scale.shards (1: no sharding)."
+            ),
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     """Build and publish one dataset version from a recipe."""
     params = DistillParams(
@@ -581,6 +651,7 @@ def distill(
         review=review,
         refresh=refresh,
         notify=notify,
+        shards=shards,
     )
     summary = _distill(params)
     if summary["outcome"] == recheck.WAITING:
@@ -627,8 +698,9 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         )  # fmt: skip
     needed = teacher_needed(plan)
     session = teacher_session(endpoint, gguf) if needed else nullcontext()
+    sharding = plan_shards(recipe, params, endpoint, run_id, judge) if needed else None
     with session, judge_session(judge, endpoint) if needed else nullcontext():
-        generation = generate(recipe, endpoint, plan, params.answer_batch_size, judge)
+        generation = generate(recipe, endpoint, plan, params.answer_batch_size, judge, sharding)
     release_freed_memory()  # what the teacher stages freed, before the GX worker takes its share
     if generation.pending is not None:
         return waiting_for_batches(recipe, generation, generation.pending, run_id, started)
@@ -661,6 +733,7 @@ def _distill(params: DistillParams) -> dict[str, Any]:
         fingerprint, evaluation, inputs_diversity, gguf, judge,
     )  # fmt: skip
     timings = {"teacher": generation.seconds, "validate": report.seconds}
+    timings.update(generation.shard_timings)
     if previous is not None and _unchanged(manifest, previous):
         log.info(
             "nothing changed since %s (%d teacher requests sent): nothing published, no training",
@@ -753,6 +826,27 @@ def judge_transfer(
             report["gate"]["message"],
         )
     return report
+
+
+def plan_shards(
+    recipe: Recipe,
+    params: DistillParams,
+    endpoint: TeacherEndpoint,
+    run_id: str,
+    judge: TeacherEndpoint | None = None,
+) -> Sharding | None:
+    """How the answers are spread (flows/shard.py); None for one shard: all in this process."""
+    shards = params.shards or recipe.scale.shards
+    if shards == 1:
+        return None
+    if judge is not None:
+        # The shards answer without scoring (the judge stage lives in the parent's answer
+        # tasks): refused rather than publishing unscored rows from a recipe that asks for scores.
+        raise RecipeError(
+            f"{params.recipe}: --shards {shards} (scale.shards) does not run the judge stage yet: "
+            "set judge.enabled: false for a sharded run, or run it with --shards 1."
+        )
+    return plan_sharding(recipe, endpoint, params.output, run_id, shards)
 
 
 def waiting_for_batches(

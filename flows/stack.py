@@ -27,8 +27,8 @@ DEFAULT_HOME = (REPO if (REPO / "pyproject.toml").exists() else Path.cwd()) / ".
 DEFAULT_PORT = 4200
 PREFECT_FILE = "deployments/prefect.yaml"
 # The pools deployments/prefect.yaml names: process pools here (production's training pool is
-# a GPU pool of its own type).
-POOLS = ("distillery-process", "distillery-training")
+# a GPU pool of its own type, its shards pool a Kubernetes or Docker pool).
+POOLS = ("distillery-process", "distillery-training", "distillery-shards")
 STATE_FILE = "stack.json"
 GRACE_S = 15.0  # between SIGTERM and SIGKILL
 

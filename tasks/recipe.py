@@ -386,6 +386,38 @@ class JudgeSettings(_Strict):
         return self
 
 
+class ScaleSettings(_Strict):
+    """How a run is spread over Prefect workers (flows/shard.py); never what it makes."""
+
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description=(
+            "Shards the answer stage is split into, by a hash of the request key: one child flow "
+            "run each (the distill-shard/shard deployment, or in-process without one); 1: no "
+            "sharding."
+        ),
+    )
+    max_running: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Shards answering at once against one endpoint, across runs: the limit of the "
+            "Prefect global concurrency limit named after the endpoint, when it is created; "
+            "None: the number of shards. Each shard paces to 1 / limit of the endpoint's "
+            "RPM and TPM."
+        ),
+    )
+    deployment: str = Field(
+        "distill-shard/shard",
+        description="The deployment a run started from a deployment runs its shards on.",
+    )
+    attempts: int = Field(
+        3, ge=1, description="Runs of one shard before the run fails (a crashed shard re-runs)."
+    )
+
+
 class Recipe(_Strict):
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]*$",
@@ -404,6 +436,7 @@ class Recipe(_Strict):
     review: ReviewSettings = ReviewSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     judge: JudgeSettings = JudgeSettings()
+    scale: ScaleSettings = ScaleSettings()
 
     @model_validator(mode="after")
     def _check_templates(self) -> Recipe:
@@ -419,7 +452,13 @@ class Recipe(_Strict):
         """Hash of everything that shapes the data (not how a student is trained from it)."""
         # The price only changes what a run is said to cost, never what it makes; the GGUF's
         # path is where the teacher lies, not what it is (the manifest records its SHA-256).
-        exclude: Any = {"training": True, "review": True, "teacher": {"price", "gguf"}}
+        # How a run is spread over workers (scale) changes no row either.
+        exclude: Any = {
+            "training": True,
+            "review": True,
+            "scale": True,
+            "teacher": {"price", "gguf"},
+        }
         dumped = self.model_dump_json(exclude=exclude)
         return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 

@@ -50,6 +50,15 @@ class EngineSettings(BaseSettings):
     max_attempts: int = Field(8, ge=1, description="Tries per request on 429, 5xx and timeouts.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute cap (else learned).")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute cap (else learned).")
+    rate_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "Share of the endpoint's RPM and TPM (set or learned) this process paces to: a shard "
+            "of a sharded run gets 1 / (shards running at once) (flows/shard.py)."
+        ),
+    )
     progress: bool = Field(True, description="Show a progress bar on the terminal.")
     max_cost_usd: float | None = Field(
         None,

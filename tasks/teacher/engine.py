@@ -138,7 +138,7 @@ class TeacherEngine:
         self._form: StructuredForm = (
             "json_schema" if endpoint.structured_output == "auto" else endpoint.structured_output
         )
-        self._limiter = RateLimiter(settings.rpm, settings.tpm)
+        self._limiter = RateLimiter(settings.rpm, settings.tpm, settings.rate_share)
         self._loop = _LoopThread()
         # Made on the loop (its aiohttp session belongs there).
         self._client = self._loop.submit(self._make_client()).result()

@@ -53,7 +53,12 @@ class RateLimiter:
     # limit per second, as providers do.
     PROBE = 4
 
-    def __init__(self, rpm: int | None, tpm: int | None) -> None:
+    def __init__(self, rpm: int | None, tpm: int | None, share: float = 1.0) -> None:
+        # `share`: of the endpoint's limits (configured or learned from its headers, which
+        # report the whole endpoint's), the part this process may use: several processes (the
+        # shards of a run) share one budget.
+        self.share = share
+        rpm, tpm = self._part(rpm), self._part(tpm)
         self.configured_rpm, self.configured_tpm = rpm, tpm
         self.rpm, self.tpm = rpm, tpm
         self._next_request = 0.0
@@ -63,6 +68,9 @@ class RateLimiter:
         self._started = 0.0
         self._heard: asyncio.Event | None = None  # made on the loop, at first use
         self._turn: asyncio.Lock | None = None
+
+    def _part(self, limit: int | None) -> int | None:
+        return None if limit is None else max(1, int(limit * self.share))
 
     async def wait(self, tokens: int) -> None:
         if self._heard is None:
@@ -109,7 +117,9 @@ class RateLimiter:
             limit = headers.get(f"x-ratelimit-limit-{kind}")
             if limit and limit.isdigit():
                 configured = self.configured_rpm if kind == "requests" else self.configured_tpm
-                value = min(int(limit), configured) if configured else int(limit)
+                learned = self._part(int(limit))
+                assert learned is not None
+                value = min(learned, configured) if configured else learned
                 if kind == "requests":
                     if self.rpm is None and self._heard is not None:
                         # The probes went out before the limit was known: they spent budget.
