@@ -320,7 +320,7 @@ class JudgeSettings(_Strict):
         False,
         description=(
             "Score every answer on the rubric (the judge stage: one more request per row); "
-            "off: no scores, no low_score rejects. The shipped recipes turn it on."
+            "off (the shipped recipes): no scores, no low_score rejects."
         ),
     )
     model: str | None = Field(

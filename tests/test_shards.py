@@ -25,7 +25,7 @@ import pytest
 from distillery.flows.distill import distill
 from distillery.flows.shard import ShardFailed, limit_name, merge_parts, shard_of, write_frame
 from distillery.tasks.answer import build_answer_request
-from distillery.tasks.recipe import load_recipe
+from distillery.tasks.recipe import RecipeError, load_recipe
 from distillery.tasks.teacher import TeacherEndpoint
 from distillery.tasks.teacher.pacing import RateLimiter
 from fake_teacher import FakeTeacher, Knobs
@@ -109,6 +109,25 @@ def test_in_process_shards_take_the_endpoints_global_concurrency_limit(
     with get_client(sync_client=True) as client:
         found = client.read_global_concurrency_limit_by_name(limit_name(endpoint))
     assert found.limit == 2 and found.active_slots == 0
+
+
+def test_sharded_run_with_the_judge_on_is_refused_before_any_request(
+    workdir: Path, teacher: FakeTeacher
+) -> None:
+    recipe = workdir / "judged.yaml"
+    text = Path(RECIPE).read_text()
+    recipe.write_text(
+        text.replace("seeds_file: ", f"seeds_file: {Path(RECIPE).parent}/", 1)
+        + "\njudge:\n  enabled: true\n"
+    )
+    before = teacher.stats.received
+    with pytest.raises(RecipeError, match=r"judge\.enabled: false .* --shards 1"):
+        distill(
+            recipe=str(recipe), examples=20, output=str(workdir / "judged"),
+            teacher_model="fake-teacher", teacher_base_url=teacher.url, train=False, shards=2,
+        )  # fmt: skip
+    assert teacher.stats.received == before
+    assert not (workdir / "judged").exists() or not any((workdir / "judged").rglob("LATEST"))
 
 
 def test_merge_refuses_parts_that_miss_an_input(tmp_path: Path) -> None:
