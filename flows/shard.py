@@ -10,7 +10,10 @@ each shard's inputs as a Parquet file beside the run, and starts one child flow 
 - from a deployment (a parent run on a work pool): `run_deployment` of the `distill-shard/shard`
   deployment (deployments/prefect.yaml), with an idempotency key per parent run, dispatch and
   shard, so a retried parent never starts a shard twice; a shard whose process died (Crashed:
-  its worker saw it exit, e.g. on SIGKILL) gets a new run, up to `scale.attempts` runs;
+  its worker saw it exit, e.g. on SIGKILL) gets a new run, up to `scale.attempts` runs; a shard
+  whose worker died with it (a machine lost, a pod evicted: no one is left to report the end)
+  is marked Crashed by an automation when its heartbeats stop (`ensure_crash_detection`), and
+  gets a new run the same way;
 - else (the CLI, Prefect's ephemeral mode): the same flow as in-process subflows, one at a time.
 
 Each shard runs today's answer tasks and engine and writes its answered rows as a Parquet part
@@ -27,6 +30,7 @@ headers (EngineSettings.rate_share). In-process shards run one at a time and tak
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -71,6 +75,10 @@ from distillery.tasks.teacher import (
 # the shortest lease Prefect 3.9's server accepts.
 LEASE_S = 60.0
 POLL_S = 2.0  # between two looks at the shard runs of a dispatch
+# A shard run sends a heartbeat event every 30 s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the shard
+# deployment's job variables, deployments/prefect.yaml; 30 s is Prefect's shortest); a run that
+# sent none for CRASHED_AFTER_S (three heartbeats missed) is marked Crashed.
+CRASHED_AFTER_S = 90
 
 
 class ShardFailed(RuntimeError):
@@ -163,6 +171,65 @@ def ensure_limit(name: str, slots: int) -> int:
                 GlobalConcurrencyLimitCreate(name=name, limit=slots)
             )
             return slots
+
+
+def crash_detection_name(deployment: str) -> str:
+    return f"distillery: crash runs of {deployment} whose heartbeats stop"
+
+
+def ensure_crash_detection(deployment: str) -> str:
+    """The automation that marks a run of `deployment` Crashed when its heartbeats stop (created
+    if missing; Prefect's recipe for "zombie" flow runs, limited to this deployment's runs). A
+    worker that dies with its run cannot report the crash, and the run would stay Running for
+    ever: the parent would wait on it, and it would hold a slot of the shard pool."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    name = crash_detection_name(deployment)
+    with get_client(sync_client=True) as client:
+        if client.read_automations_by_name(name):
+            return name
+        found = client.read_deployment_by_name(deployment)
+        ended = ("Completed", "Failed", "Cancelled", "Crashed")
+        client.create_automation(
+            AutomationCore(
+                name=name,
+                description=(
+                    f"Created by distillery (flows/shard.py): a run of the {deployment} "
+                    f"deployment that sent no heartbeat for {CRASHED_AFTER_S} s is marked "
+                    "Crashed, and its parent run starts a new run of the shard."
+                ),
+                trigger=EventTrigger(
+                    after={"prefect.flow-run.heartbeat"},
+                    expect={
+                        "prefect.flow-run.heartbeat",
+                        *(f"prefect.flow-run.{s}" for s in ended),
+                    },
+                    match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+                    match_related=ResourceSpecification(
+                        {"prefect.resource.id": f"prefect.deployment.{found.id}"}
+                    ),
+                    for_each={"prefect.resource.id"},
+                    posture=Posture.Proactive,
+                    threshold=1,
+                    within=timedelta(seconds=CRASHED_AFTER_S),
+                ),
+                actions=[
+                    ChangeFlowRunState(
+                        state=StateType.CRASHED,
+                        message=(
+                            f"no heartbeat for {CRASHED_AFTER_S} s: its worker or machine died "
+                            "with it"
+                        ),
+                    )
+                ],
+            )
+        )
+    return name
 
 
 def dispatch(
@@ -279,6 +346,8 @@ def run_deployed(sharding: Sharding, label: str, shard_params: list[dict[str, An
         assert isinstance(run, FlowRun)  # called from sync code: the run, not a coroutine
         return run.id
 
+    with contextlib.suppress(ObjectNotFound):  # no such deployment: start() says so, with the fix
+        ensure_crash_detection(sharding.deployment)  # type: ignore[arg-type]
     attempts = {p["shard"]: 1 for p in shard_params}
     pending = {p["shard"]: (start(p, 1), p) for p in shard_params}
     with get_client(sync_client=True) as client:

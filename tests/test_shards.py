@@ -23,7 +23,14 @@ import pandas as pd
 import pytest
 
 from distillery.flows.distill import distill
-from distillery.flows.shard import ShardFailed, limit_name, merge_parts, shard_of, write_frame
+from distillery.flows.shard import (
+    CRASHED_AFTER_S,
+    ShardFailed,
+    limit_name,
+    merge_parts,
+    shard_of,
+    write_frame,
+)
 from distillery.tasks.answer import build_answer_request
 from distillery.tasks.recipe import RecipeError, load_recipe
 from distillery.tasks.teacher import TeacherEndpoint
@@ -172,6 +179,7 @@ class ShardRun:
     state: str
     running: list[tuple[datetime, datetime]]  # from each Running state to the next state
     shard: int
+    message: str  # of its last state
 
 
 @dataclass
@@ -180,7 +188,8 @@ class Deployed:
     output: str
     parent: dict[str, Any]  # id, state, summary of the sharded run
     shards: list[ShardRun]
-    killed: str | None  # the shard run whose process was SIGKILLed
+    killed: str | None  # the shard run whose worker was SIGKILLed with it
+    killed_worker: str | None  # that worker's name
     stats: Any  # the fake teacher's counters after the run
     rerun_state: str
     rerun_received: int  # requests the same run again sent
@@ -240,7 +249,10 @@ async def _history(api_url: str, run: Any) -> ShardRun:
         (s.timestamp, nxt.timestamp) for s, nxt in itertools.pairwise(states) if s.is_running()
     ]
     shard = int(run.parameters["shard"])
-    return ShardRun(str(run.id), run.name, run.run_count, str(run.state.name), running, shard)
+    message = str(run.state.message or "")
+    return ShardRun(
+        str(run.id), run.name, run.run_count, str(run.state.name), running, shard, message
+    )
 
 
 def _wait(api_url: str, run_id: str, timeout: float, on_poll: Any = None) -> Any:
@@ -258,7 +270,8 @@ def _wait(api_url: str, run_id: str, timeout: float, on_poll: Any = None) -> Any
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Deployed]:
     """A 3-shard run of 300 examples on a real server, two shard workers, S3 for the cache and
-    the output; one shard's process SIGKILLed mid-run; then the same run again.
+    the output; one shard worker SIGKILLed mid-run with the shard run it ran; then the same run
+    again.
 
     Expected duration: about 2.5 minutes (155 s measured on 2 cores at load average 9: server,
     three workers, six flow-run processes); most of it is Prefect starting processes.
@@ -333,7 +346,11 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iter
             killed: list[str] = []
             answered_at_start: list[int] = []
 
-            def kill_one_shard_mid_run() -> None:
+            workers = {proc.pid: name for name, proc, _ in started if name.startswith("worker-s")}
+
+            def kill_one_shard_worker_mid_run() -> None:
+                """SIGKILL a shard worker and every process it started, its shard run among
+                them, as a lost machine would: no one is left to report the run's end."""
                 if killed:
                     return
                 running = [
@@ -350,11 +367,17 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iter
                     return
                 victim = min(running, key=lambda r: r.start_time)  # the furthest on
                 pid = int(str(victim.infrastructure_pid).rsplit(":", 1)[-1])
-                os.killpg(pid, signal.SIGKILL)  # the shard's process and all it started
+                table = stack_module._proc_table()
+                while pid in table and pid not in workers:
+                    pid = table[pid][0]  # up to the worker that started the run
+                assert pid in workers, f"no shard worker started {victim.name}"
+                for group in stack_module._groups_under(pid):  # the worker first, then its runs
+                    os.killpg(group, signal.SIGKILL)
                 killed.append(str(victim.id))
+                killed.append(workers[pid])
 
-            parent = _wait(api_url, parent_id, 600, kill_one_shard_mid_run)
-            print(f"sharded run {parent.name}: {parent.state.name}; killed shard run {killed}")
+            parent = _wait(api_url, parent_id, 900, kill_one_shard_worker_mid_run)
+            print(f"sharded run {parent.name}: {parent.state.name}; killed (run, worker) {killed}")
             shards = [
                 asyncio.run(_history(api_url, r))
                 for r in asyncio.run(_shard_runs(api_url, parent_id))
@@ -372,7 +395,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iter
             rerun = _wait(api_url, again, 600)
             limit = asyncio.run(_read_limit(api_url, teacher.url))
             yield Deployed(
-                api_url, output, summary, shards, killed[0] if killed else None, stats,
+                api_url, output, summary, shards, killed[0] if killed else None,
+                killed[1] if killed else None, stats,
                 str(rerun.state.name), teacher.stats.received - received, limit,
             )  # fmt: skip
         finally:
@@ -449,12 +473,14 @@ def test_shards_share_the_endpoints_rate_budget(deployed: Deployed) -> None:
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_killed_shard_runs_again_and_resends_at_most_its_requests_in_flight(
+def test_shard_whose_worker_was_killed_runs_again_and_resends_at_most_its_requests_in_flight(
     deployed: Deployed,
 ) -> None:
     assert deployed.killed is not None, "no shard was running long enough to be killed"
     victim = next(r for r in deployed.shards if r.id == deployed.killed)
+    # No worker was left to report it: the heartbeat automation marked it Crashed.
     assert victim.state == "Crashed", victim
+    assert f"no heartbeat for {CRASHED_AFTER_S} s" in victim.message, victim
     again = [r for r in deployed.shards if r.shard == victim.shard and r.id != victim.id]
     assert [r.state for r in again] == ["Completed"], again
     assert deployed.stats.resent_after_answer <= SHARD_CONCURRENCY
