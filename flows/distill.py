@@ -44,13 +44,14 @@ from distillery.tasks.export import (
 )
 from distillery.tasks.judge import (
     JudgedAnswers,
+    add_judge_summaries,
     answer_and_judge,
     judge_endpoint,
     judge_manifest,
     judge_summary,
 )
 from distillery.tasks.memory import release_freed_memory
-from distillery.tasks.recipe import Recipe, RecipeError, load_recipe, target_size
+from distillery.tasks.recipe import Recipe, load_recipe, target_size
 from distillery.tasks.record import EVAL_SCHEMA, INPUT_COLUMNS
 from distillery.tasks.refresh import (
     Previous,
@@ -199,6 +200,7 @@ class AnswerStage:
         # What other processes sent for this stage (the shards of a sharded run, flows/shard.py),
         # and the parent's own work to plan and merge the shards (seconds).
         self.sent_elsewhere = CallStats()
+        self.judged_elsewhere: list[dict[str, Any]] = []  # the shards' judge_summary()s
         self.timings: dict[str, float] = {}
 
     def submit(self, inputs: pd.DataFrame, cycle: int) -> None:
@@ -350,7 +352,8 @@ def generate(
         out.this_run.add(own_judge.totals.since(judge_before))
     if judge is not None:
         judged = [a for a in answers.results if isinstance(a, JudgedAnswers)]
-        out.judge = judge_summary(judged, str(flow_run.get_id() or ""))
+        here = judge_summary(judged, str(flow_run.get_id() or ""))
+        out.judge = add_judge_summaries([here, *answers.judged_elsewhere])
     out.this_run.add(answers.sent_elsewhere)
     out.shard_timings = {f"shard_{k}": round(v, 2) for k, v in answers.timings.items()}
     out.seconds = round(time.monotonic() - started, 2)
@@ -365,8 +368,8 @@ def answer_stage(
     sharding: Sharding | None,
     judge: TeacherEndpoint | None = None,
 ) -> AnswerStage:
-    """The answer stage: in this process, or in shards (`sharding`: flows/shard.py's plan;
-    plan_shards refuses the judge with shards)."""
+    """The answer stage: in this process, or in shards (`sharding`: flows/shard.py's plan, which
+    carries the judge to the shards)."""
     if sharding is None:
         return AnswerStage(recipe, endpoint, batch_size, judge)
     return ShardedAnswers(recipe, endpoint, batch_size, sharding)
@@ -400,6 +403,7 @@ class ShardedAnswers(AnswerStage):
             )
             self.results.append(merged.answers)
             self.sent_elsewhere.add(merged.sent_elsewhere)
+            self.judged_elsewhere += merged.judge
 
 
 def expand_and_answer(
@@ -839,14 +843,7 @@ def plan_shards(
     shards = params.shards or recipe.scale.shards
     if shards == 1:
         return None
-    if judge is not None:
-        # The shards answer without scoring (the judge stage lives in the parent's answer
-        # tasks): refused rather than publishing unscored rows from a recipe that asks for scores.
-        raise RecipeError(
-            f"{params.recipe}: --shards {shards} (scale.shards) does not run the judge stage yet: "
-            "set judge.enabled: false for a sharded run, or run it with --shards 1."
-        )
-    return plan_sharding(recipe, endpoint, params.output, run_id, shards)
+    return plan_sharding(recipe, endpoint, params.output, run_id, shards, judge)
 
 
 def waiting_for_batches(

@@ -55,10 +55,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment as this_deployment
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from distillery.tasks.answer import AnswerResult, answer_inputs, build_answer_request
+from distillery.tasks.judge import JudgedAnswers, answer_and_judge, judge_summary
 from distillery.tasks.recipe import Recipe
 from distillery.tasks.record import INPUT_COLUMNS
 from distillery.tasks.teacher import (
@@ -120,12 +122,19 @@ class Sharding:
     deployment: str | None  # None: in-process subflows
     attempts: int
     budget_id: str | None  # the spend ledger the shards share (DISTILLERY_BUDGET_ID)
+    judge: TeacherEndpoint | None = None  # who scores the answers in the shards (None: off)
 
 
 def plan_sharding(
-    recipe: Recipe, endpoint: TeacherEndpoint, output: str, run_id: str, shards: int
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    output: str,
+    run_id: str,
+    shards: int,
+    judge: TeacherEndpoint | None = None,
 ) -> Sharding:
-    """Check that the run can be sharded and make sure the endpoint's limit exists."""
+    """Check that the run can be sharded and make sure the endpoint's limit exists; `judge`:
+    who scores the answers (the judge stage runs in the shards, with the answers)."""
     settings = EngineSettings()
     if settings.batch:
         raise TeacherError(
@@ -138,6 +147,12 @@ def plan_sharding(
             f"--shards {shards} on a work pool needs a teacher endpoint the shard workers can "
             "reach; the embedded teacher runs inside one process: pass --teacher-base-url (or "
             "run from the CLI, where shards run in-process)."
+        )
+    if deployed and judge is not None and judge.embedded:
+        raise TeacherError(
+            f"--shards {shards} on a work pool with judge.base_url: embedded: the embedded judge "
+            "runs inside one process, which the shard workers cannot reach: give judge.base_url "
+            "an endpoint they can reach, or run from the CLI, where shards run in-process."
         )
     name = limit_name(endpoint)
     slots = ensure_limit(name, recipe.scale.max_running or shards)
@@ -158,6 +173,7 @@ def plan_sharding(
         deployment=recipe.scale.deployment if deployed else None,
         attempts=recipe.scale.attempts,
         budget_id=budget,
+        judge=judge,
     )
 
 
@@ -268,6 +284,7 @@ def dispatch(
             "occupy": 1 if s.deployment else s.slots,
             "rate_share": 1 / s.slots if s.deployment else 1.0,
             "budget_id": s.budget_id,
+            "judge": s.judge,
         }
         for i in wanted
     ]
@@ -286,17 +303,21 @@ def dispatch(
 class Merged:
     answers: AnswerResult
     sent_elsewhere: CallStats  # what out-of-process shards sent (the parent's engine did not)
+    judge: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each shard's summary
 
 
 def merge_parts(folder: str, shards: list[int], inputs: pd.DataFrame, elsewhere: bool) -> Merged:
     """The shards' parts as one answer result, each input once, in the order of `inputs`."""
     frames, stats, sent, rejects = [], CallStats(), CallStats(), Counter[str]()
+    judged: list[dict[str, Any]] = []
     for i in shards:
         frames.append(read_frame(f"{folder}/part-{i}.parquet"))
         counters = json.loads(read_bytes(f"{folder}/stats-{i}.json"))
         stats.add(CallStats(**counters["stats"]))
         sent.add(CallStats(**counters["sent"]))
         rejects.update(counters["rejects"])
+        if counters.get("judge") is not None:
+            judged.append(counters["judge"])
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     rows = rows.drop_duplicates("id") if len(rows) else rows
     missing = set(inputs["id"]) - set(rows["id"] if len(rows) else ())
@@ -310,6 +331,7 @@ def merge_parts(folder: str, shards: list[int], inputs: pd.DataFrame, elsewhere:
     return Merged(
         AnswerResult(rows=rows, stats=stats, rejects=rejects),
         sent if elsewhere else CallStats(),
+        judged,
     )
 
 
@@ -450,20 +472,37 @@ def distill_shard(
         str | None,
         Field(description="Spend ledger shared with the parent and the other shards (None: own)."),
     ] = None,
+    judge: Annotated[
+        TeacherEndpoint | None,
+        Field(description="Who scores the answers (the judge stage); None: the judge is off."),
+    ] = None,
 ) -> dict[str, Any]:
-    """Answer one shard's inputs; write the answered rows as a Parquet part."""
+    """Answer one shard's inputs (and judge the answers, with the judge on); write the answered
+    rows as a Parquet part."""
     inputs = read_frame(f"{folder}/inputs-{shard}.parquet")[INPUT_COLUMNS]
     with _slots(limit, occupy):
         _use_settings(endpoint, rate_share, budget_id)
         engine = get_engine(endpoint)
         before = dataclasses.replace(engine.totals)
+        # A judge of its own (judge.base_url) paces to the same share; its engine counts apart.
+        own_judge = None
+        if judge is not None and judge != endpoint:
+            close_engine(judge)  # made again with this process's share
+            own_judge = get_engine(judge)
+        judge_before = dataclasses.replace(own_judge.totals) if own_judge else None
         futures: list[PrefectFuture[AnswerResult]] = []
         for start in range(0, len(inputs), batch_size):
             batch = inputs.iloc[start : start + batch_size].reset_index(drop=True)
             label = f"shard-{shard}-batch-{len(futures) + 1}"
-            futures.append(answer_inputs.submit(recipe, endpoint, batch, label))
+            if judge is None:
+                futures.append(answer_inputs.submit(recipe, endpoint, batch, label))
+            else:
+                judged = answer_and_judge.submit(recipe, endpoint, judge, batch, label)
+                futures.append(judged)  # type: ignore[arg-type]  # a JudgedAnswers is one
         results = [f.result() for f in futures]
         sent = engine.totals.since(before)
+        if own_judge is not None and judge_before is not None:
+            sent.add(own_judge.totals.since(judge_before))
     stats, rejects = CallStats(), Counter[str]()
     for result in results:
         stats.add(result.stats)
@@ -474,6 +513,12 @@ def distill_shard(
         "stats": dataclasses.asdict(stats),
         "sent": dataclasses.asdict(sent),
         "rejects": dict(rejects),
+        # What the judge did here (tasks/judge.py judge_summary); the parent adds the shards'.
+        "judge": None
+        if judge is None
+        else judge_summary(
+            [r for r in results if isinstance(r, JudgedAnswers)], str(flow_run.get_id() or "")
+        ),
     }
     # After the part: a part without its counters is never read (the parent reads both).
     write_bytes(f"{folder}/stats-{shard}.json", json.dumps(counters).encode())

@@ -453,6 +453,25 @@ def judge_summary(batches: list[JudgedAnswers], run_id: str) -> dict[str, Any]:
     }
 
 
+def add_judge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """judge_summary()s of parts of one run (a sharded run's parent and shards) as one."""
+    total: dict[str, Any] = {
+        "requests": 0,
+        "requests_sent": 0,
+        "requests_cached": 0,
+        "scored": 0,
+        "rejected": {"low_score": 0, "judge_error": 0},
+        "seconds": 0.0,
+    }
+    for part in summaries:
+        for key in ("requests", "requests_sent", "requests_cached", "scored"):
+            total[key] += part[key]
+        for reason in total["rejected"]:
+            total["rejected"][reason] += part["rejected"][reason]
+        total["seconds"] = round(total["seconds"] + part["seconds"], 2)
+    return total
+
+
 def judge_manifest(
     settings: JudgeSettings,
     endpoint: TeacherEndpoint | None,

@@ -21,6 +21,7 @@ from uuid import UUID
 import fsspec
 import pandas as pd
 import pytest
+import yaml
 
 from distillery.flows.distill import distill
 from distillery.flows.shard import (
@@ -32,7 +33,7 @@ from distillery.flows.shard import (
     write_frame,
 )
 from distillery.tasks.answer import build_answer_request
-from distillery.tasks.recipe import RecipeError, load_recipe
+from distillery.tasks.recipe import load_recipe
 from distillery.tasks.teacher import TeacherEndpoint
 from distillery.tasks.teacher.pacing import RateLimiter
 from fake_teacher import FakeTeacher, Knobs
@@ -118,23 +119,48 @@ def test_in_process_shards_take_the_endpoints_global_concurrency_limit(
     assert found.limit == 2 and found.active_slots == 0
 
 
-def test_sharded_run_with_the_judge_on_is_refused_before_any_request(
+def test_in_process_shards_judge_their_answers_like_one_process(
     workdir: Path, teacher: FakeTeacher
 ) -> None:
+    """The judge stage runs in the shards, with the answers: every kept answer scored once, low
+    scores rejected with the judge's reason, the manifest's judge entry the shards' sum; one
+    process on the same cache publishes the same content and sends nothing."""
+    teacher.knobs.judge_score = 8
+    teacher.knobs.judge_low_marker = "switching"  # in about one answer in fifteen
+    data = yaml.safe_load(Path(RECIPE).read_text())
+    data["seeds_file"] = str(Path(RECIPE).parent / data["seeds_file"])
+    data["judge"] = {"enabled": True, "min_score": 5, "max_low_share": 0.5}
+    data["validation"] = {**data["validation"], "max_rejected_share": 0.5}
     recipe = workdir / "judged.yaml"
-    text = Path(RECIPE).read_text()
-    recipe.write_text(
-        text.replace("seeds_file: ", f"seeds_file: {Path(RECIPE).parent}/", 1)
-        + "\njudge:\n  enabled: true\n"
-    )
-    before = teacher.stats.received
-    with pytest.raises(RecipeError, match=r"judge\.enabled: false .* --shards 1"):
-        distill(
-            recipe=str(recipe), examples=20, output=str(workdir / "judged"),
-            teacher_model="fake-teacher", teacher_base_url=teacher.url, train=False, shards=2,
+    recipe.write_text(yaml.safe_dump(data))
+
+    def judged_run(output: Path, shards: int) -> dict[str, Any]:
+        return distill(
+            recipe=str(recipe), examples=40, output=str(output), teacher_model="fake-teacher",
+            teacher_base_url=teacher.url, answer_batch_size=10, train=False, shards=shards,
         )  # fmt: skip
-    assert teacher.stats.received == before
-    assert not (workdir / "judged").exists() or not any((workdir / "judged").rglob("LATEST"))
+
+    summary = judged_run(workdir / "sharded", 2)
+    rows, manifest = published(workdir / "sharded")
+    base = workdir / "sharded" / "stock-advisor"
+    rejected = pd.read_parquet(base / (base / "LATEST").read_text().strip() / "rejected.parquet")
+    assert len(rows) == 40 and (rows["judge_score"] == 8).all()
+    assert not rows["answer"].str.contains("switching").any()
+    low = rejected[rejected["reason"] == "low_score"]
+    assert len(low) > 0 and low["detail"].str.contains("marked as a poor answer").all()
+    entry = manifest["judge"]
+    assert entry["requests"] == entry["requests_sent"] == teacher.stats.judged["score"]
+    assert entry["scored"] >= 40 + len(low) and entry["rejected"]["low_score"] == len(low)
+    assert summary["judge"] == entry and summary["outcome"] == "published"
+    parts = list((base / "runs" / manifest["run_id"] / "shards").glob("answers-*/part-*.parquet"))
+    assert len(parts) >= 2 and all("judge_score" in pd.read_parquet(p) for p in parts)
+
+    before = teacher.stats.received
+    single = judged_run(workdir / "single", 1)
+    assert teacher.stats.received == before and single["requests_sent"] == 0
+    _, alone = published(workdir / "single")
+    assert alone["content_fingerprint"] == manifest["content_fingerprint"]
+    assert alone["judge"]["mean_score"] == entry["mean_score"] == 8
 
 
 def test_merge_refuses_parts_that_miss_an_input(tmp_path: Path) -> None:
