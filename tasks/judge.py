@@ -31,7 +31,7 @@ from distillery.tasks.teacher import (
 
 # Bump when a judge prompt, schema or parser changes: the version is part of every judge
 # request's text, so the request cache (and Prefect's cache of the stage) turns over.
-JUDGE_VERSION = "1"
+JUDGE_VERSION = "2"  # 2: no example scores in the prompt; a copied reason format is no verdict
 
 # In the system prompt of every judge request: how a judge request is told apart (the fake
 # teacher in tests/fake_teacher.py looks for it).
@@ -44,6 +44,10 @@ SCORE_MIN, SCORE_MAX = 1, 10
 Winner = Literal["A", "B", "tie"]
 
 _REASON_CHARS = 300
+# What the score prompt tells the judge to put in "reason": a reply whose reason is this text
+# (with or without the angle brackets) copied the reply format instead of judging. Measured on
+# the embedded SmolLM2-135M: 30 of 30 demo rows came back with the format's text as the reason.
+_REASON_FORMAT = "one line: the main strength or flaw"
 
 
 @dataclass(frozen=True)
@@ -147,12 +151,16 @@ def score_request(
 ) -> ChatRequest:
     """The judge's scores of one answer, on the rubric (pure)."""
     rubric = "\n".join(f"- {name}: {text}" for name, text in settings.rubric.items())
-    example = ", ".join(f'"{name}": 7' for name in settings.rubric)
+    # Placeholders, not example numbers: a score shown in the prompt anchors the judge's own.
+    form = ", ".join(f'"{name}": <{SCORE_MIN}-{SCORE_MAX}>' for name in settings.rubric)
     system = _system(
         f"Score the answer from {SCORE_MIN} (worst) to {SCORE_MAX} (best) on each criterion; "
         f"a {SCORE_MAX} means:\n{rubric}\n"
-        'Reply with only a JSON object: {"scores": {' + example + '}, "reason": "one line: '
-        'the main strength or flaw"}.'
+        'Reply with only a JSON object: {"scores": {'
+        + form
+        + '}, "reason": "<'
+        + _REASON_FORMAT
+        + '>"}.'
     )
     user = f"{_case(user_context, question)}\n\n<answer>\n{answer.strip()}\n</answer>"
     return ChatRequest(
@@ -279,7 +287,13 @@ def parse_scores(reply: str | ChatResult, settings: JudgeSettings) -> Scores | J
         if not SCORE_MIN <= value <= SCORE_MAX:
             return JudgeError(f"{name} score {value} is outside {SCORE_MIN}-{SCORE_MAX}")
         scores[name] = value
-    return Scores(scores=scores, reason=_one_line(reason) if isinstance(reason, str) else "")
+    reason = _one_line(reason) if isinstance(reason, str) else ""
+    if reason.strip("<>\"' .").casefold() in (_REASON_FORMAT, _REASON_FORMAT.split(": ")[1]):
+        return JudgeError(
+            f"the verdict's reason is the reply format's own text ({reason!r}): the judge copied "
+            "the format instead of judging; use a stronger judge (judge.base_url, judge.model)"
+        )
+    return Scores(scores=scores, reason=reason)
 
 
 _WINNERS: dict[str, Winner] = {

@@ -48,6 +48,9 @@ BOOTSTRAP_SEED = 0
 # length": the win rate among them is the length-controlled figure (a judge that favours the
 # longer answer cannot lean on length there).
 SIMILAR_LENGTH = 0.2
+# Under this swap consistency in a comparison, the report warns that the judge's verdicts follow
+# the order of the answers more than the answers (MT-Bench's GPT-4 judge: 65% consistent).
+MIN_SWAP_CONSISTENCY = 0.5
 # Reply cap of a student behind an API (openai backend): the base and the fine-tuned model get
 # the same, so that neither wins by length alone.
 API_STUDENT_MAX_TOKENS = 512
@@ -125,6 +128,43 @@ def similar_length(trained: int, other: int) -> bool:
     return longer == 0 or abs(trained - other) <= SIMILAR_LENGTH * longer
 
 
+def first_shown_share(rows: pd.DataFrame) -> float | None:
+    """Of the judge's decisive verdicts (not a tie, not a judge_error), the share that went to
+    the answer shown first: about 0.5 for a judge without a position bias; None: no decisive
+    verdict."""
+    first = int((rows["trained_first"] == "win").sum() + (rows["trained_second"] == "loss").sum())
+    decisive = int(rows["trained_first"].isin(("win", "loss")).sum())
+    decisive += int(rows["trained_second"].isin(("win", "loss")).sum())
+    return first / decisive if decisive else None
+
+
+def caution(comparisons: dict[str, dict[str, Any]]) -> str | None:
+    """A warning for a reader of the report when the judge contradicts itself on most pairs
+    when the answers swap places: then its verdicts say little about the students."""
+    weak = {
+        name: f
+        for name, f in comparisons.items()
+        if f["swap_consistency"] is not None and f["swap_consistency"] < MIN_SWAP_CONSISTENCY
+    }
+    if not weak:
+        return None
+    flips = sum(f["swap_inconsistent"] for f in weak.values())
+    judged = sum(f["pairs_judged"] for f in weak.values())
+    shares = [f["first_shown_wins"] for f in weak.values() if f["first_shown_wins"] is not None]
+    bias = ""
+    if shares:
+        first = sum(shares) / len(shares)
+        side = "first" if first >= 0.5 else "second"
+        share = _pct(max(first, 1 - first))
+        bias = f"; of its decisive verdicts, {share} went to the answer shown {side}"
+    return (
+        f"the judge gave opposite verdicts on {flips} of {judged} pairs when the two answers "
+        f"swapped places{bias}: with a position bias this strong its verdicts say little about "
+        "the students (those pairs count as ties). A stronger judge (judge.base_url, "
+        "judge.model) gives a report worth reading."
+    )
+
+
 def comparison_report(rows: pd.DataFrame) -> dict[str, Any]:
     """The figures of one comparison from its per-item rows (TRANSFER_SCHEMA columns)."""
     outcomes = list(rows["outcome"])
@@ -148,6 +188,7 @@ def comparison_report(rows: pd.DataFrame) -> dict[str, Any]:
         "interval_95": [_round(interval[0]), _round(interval[1])] if interval else None,
         "swap_consistency": _round(float(consistent.mean())) if len(consistent) else None,
         "swap_inconsistent": int((~consistent.astype(bool)).sum()),
+        "first_shown_wins": _round(first_shown_share(rows)),
         "mean_chars": {
             "trained": _round(_mean(rows["trained_chars"])),
             "other": _round(_mean(rows["other_chars"])),
@@ -397,6 +438,7 @@ def transfer_report(
         "judge_requests": _requests(judge_stats),
         "student_requests": _requests(answers.stats),
     }
+    report["caution"] = caution(report["comparisons"])
     report["gate"] = gate(report, minimum)
     return report
 
@@ -412,7 +454,7 @@ def _requests(stats: CallStats) -> dict[str, Any]:
 
 def unavailable(reason: str, minimum: float | None) -> dict[str, Any]:
     """The report of a run whose training yielded no model to ask."""
-    report: dict[str, Any] = {"available": False, "reason": reason}
+    report: dict[str, Any] = {"available": False, "reason": reason, "caution": None}
     report["gate"] = gate(report, minimum)
     return report
 
@@ -532,6 +574,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines += [
             "  " + comparison_line(name, figures) for name, figures in report["comparisons"].items()
         ]
+        if report.get("caution"):
+            lines.append(f"  caution: {report['caution']}")
     if report.get("gate"):
         verdict = "passed" if report["gate"]["passed"] else "FAILED"
         lines.append(f"gate {verdict}: {report['gate']['message']}")
@@ -585,6 +629,8 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
             "length. Judge requests: "
             f"{sent['requests']} ({sent['sent']} sent, {sent['cached']} from the cache).",
         ]
+        if report.get("caution"):
+            lines += ["", f"**Caution:** {report['caution']}"]
     if report.get("gate"):
         verdict = "passed" if report["gate"]["passed"] else "**failed**"
         lines += ["", f"Gate {verdict}: {report['gate']['message']}."]

@@ -55,6 +55,8 @@ def test_score_request_asks_for_every_criterion_at_temperature_zero() -> None:
     system, user = dict(req.messages)["system"], dict(req.messages)["user"]
     assert JUDGE_MARKER in system and f"v{judge.JUDGE_VERSION}" in system
     assert "- uses_context: Uses the context." in system
+    # The reply's form has placeholders, never example scores that would anchor the judge's.
+    assert '{"scores": {"uses_context": <1-10>, "safe": <1-10>}, "reason": "<one line:' in system
     assert CTX in user and QUESTION in user and "<answer>\nBuy a broad index fund first." in user
 
 
@@ -116,6 +118,16 @@ def test_parse_scores_text_form() -> None:
         ('{"scores": {"uses_context": true, "safe": 5}, "reason": "x"}', "not an integer"),
         ('{"scores": {"uses_context": "high", "safe": 5}, "reason": "x"}', "not an integer"),
         ("", "no score"),
+        # What the embedded SmolLM2-135M replied for every demo row: the format, copied.
+        (
+            '{"scores": {"uses_context": 7, "safe": 7}, "reason": "one line: The main strength '
+            'or flaw"}',
+            "the judge copied the format instead of judging",
+        ),
+        (
+            '{"scores": {"uses_context": 7, "safe": 7}, "reason": "<the main strength or flaw>"}',
+            "the judge copied the format",
+        ),
     ],
 )
 def test_parse_scores_refuses_what_is_no_verdict(reply: str, says: str) -> None:

@@ -28,6 +28,7 @@ from distillery.tasks.transfer import (
     TRANSFER_SCHEMA,
     StudentAnswers,
     bootstrap_interval,
+    caution,
     combine,
     comparison_report,
     gate,
@@ -120,9 +121,22 @@ def test_two_verdicts_that_disagree_are_a_tie_and_a_judge_error_is_never_a_tie()
     assert combine("judge_error", "tie") == ("judge_error", None)
 
 
+# Two verdicts (trained shown first, then second) that combine into each (outcome, consistent).
+_VERDICTS = {
+    ("win", True): ("win", "win"),
+    ("loss", True): ("loss", "loss"),
+    ("tie", True): ("tie", "tie"),
+    ("tie", False): ("win", "loss"),
+    ("judge_error", None): ("judge_error", "win"),
+}
+
+
 def _rows(outcomes: list[str], consistent: list[bool | None], lengths: list[tuple[int, int]]):
+    verdicts = [_VERDICTS[o, c] for o, c in zip(outcomes, consistent, strict=True)]
     return pd.DataFrame(
         {
+            "trained_first": [first for first, _ in verdicts],
+            "trained_second": [second for _, second in verdicts],
             "outcome": outcomes,
             "consistent": consistent,
             "trained_chars": [t for t, _ in lengths],
@@ -144,6 +158,9 @@ def test_comparison_report_counts_consistency_lengths_and_the_similar_length_win
     assert figures["win_rate"] == pytest.approx(2.5 / 4)
     assert figures["swap_consistency"] == pytest.approx(3 / 4)
     assert figures["swap_inconsistent"] == 1
+    # Decisive verdicts: 9 (every one but the tie... none here is a tie); 5 went to the answer
+    # shown first (3 trained-first wins, 2 trained-second losses).
+    assert figures["first_shown_wins"] == pytest.approx(5 / 9, abs=1e-4)
     assert figures["mean_chars"] == {"trained": 222.0, "other": 147.0}
     # Similar length (within 20% of the longer): 100/95, 300/300, 200/230; not 500/100; the
     # judge_error pair is no pair.
@@ -227,6 +244,14 @@ def test_a_judge_that_always_prefers_the_first_answer_yields_ties_in_4_requests_
     report = comparison_report(frame[frame["comparison"] == "vs_base"])
     assert report["win_rate"] == 0.5 and report["interval_95"] == [0.5, 0.5]
     assert report["swap_consistency"] == 0.0 and report["swap_inconsistent"] == len(items)
+    assert report["first_shown_wins"] == 1.0  # every verdict went to the answer shown first
+    # The reader is warned: these ties are the judge's position bias, not the students' parity.
+    full = transfer_report(frame, judge_of(teacher), answers, stats, minimum=None)
+    assert full["caution"] is not None
+    assert "opposite verdicts on 8 of 8 pairs" in full["caution"]
+    assert "100% went to the answer shown first" in full["caution"]
+    assert any(line.startswith("  caution: the judge gave") for line in report_lines(full))
+    assert "**Caution:** the judge gave" in report_markdown(full, "demo")
 
     again, stats = judge_pairs(JudgeSettings(), judge_of(teacher), todo)
     assert teacher.stats.judged["pairwise"] == 4 * len(items)  # nothing sent again
@@ -247,6 +272,8 @@ def test_a_judge_that_prefers_the_longer_answer_in_both_orders_is_consistent(
     vs_base = comparison_report(frame[frame["comparison"] == "vs_base"])
     assert (vs_base["wins"], vs_base["ties"], vs_base["losses"]) == (3, 0, 1)
     assert vs_base["win_rate"] == 0.75 and vs_base["swap_consistency"] == 1.0
+    assert vs_base["first_shown_wins"] == 0.5  # no position bias
+    assert caution({"vs_base": vs_base}) is None
     assert vs_base["mean_chars"] == {"trained": 312.5, "other": 100.0}
     expected = bootstrap_interval(["win", "win", "win", "loss"])
     assert vs_base["interval_95"] == [round(expected[0], 4), round(expected[1], 4)]  # type: ignore[index]
