@@ -225,8 +225,8 @@ def batch_progress(
         "",
         f"Teacher requests submitted by this run: {summary['requests_sent']}; "
         f"{pending.waiting} still without an answer. The batches are recorded in the request "
-        "cache (DISTILLERY_CACHE_DIR): the next run re-attaches to them and submits nothing "
-        "twice.",
+        "cache (DISTILLERY_CACHE_DIR, or the shared DISTILLERY_CACHE): the next run re-attaches "
+        "to them and submits nothing twice.",
     ]
     create_markdown_artifact(
         key="batch-progress",

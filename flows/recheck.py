@@ -5,7 +5,8 @@ raises BatchesPending (tasks/teacher/batch.py). The distill flow then publishes 
 batches' progress (`batch-progress` artifact), schedules a run of its own deployment with the
 same parameters for when another look is worth it, and ends Completed (state name
 AwaitingBatches), so the worker is free. The re-check run finds the batches recorded in the
-request cache's database (DISTILLERY_CACHE_DIR, which the workers must share) and re-attaches to
+request cache (the local database under DISTILLERY_CACHE_DIR, which the workers must then
+share, or the shared store of DISTILLERY_CACHE=s3://...) and re-attaches to
 them; once every stage's batches have ended, a run publishes the dataset.
 """
 
@@ -96,5 +97,5 @@ def message(pending: BatchesPending, recheck: FlowRun | None) -> str:
         return f"{head}; re-check run {recheck.name} ({recheck.id}) scheduled for {at}"
     return (
         f"{head}; run the same command again after {at}: it re-attaches to the batches recorded "
-        "in the request cache (DISTILLERY_CACHE_DIR)"
+        "in the request cache (DISTILLERY_CACHE_DIR, or the shared DISTILLERY_CACHE)"
     )

@@ -16,11 +16,17 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "recipes" / "stock-advisor-demo.yaml"
 
 
-def tiny_recipe(tmp_path: Path) -> Path:
-    """The demo recipe at test size: 4 of its seeds, 6 rows, 2 held out, a 2-step training."""
+def tiny_recipe(tmp_path: Path, evaluation: bool = True) -> Path:
+    """The demo recipe at test size: 4 of its seeds, 6 rows, 2 held out, a 2-step training, 3
+    of its evaluation items (none with `evaluation` False)."""
     data = yaml.safe_load(DEMO_RECIPE.read_text())
     seeds = yaml.safe_load((REPO / "recipes" / data.pop("seeds_file")).read_text())
     data["seeds"] = seeds[:4]
+    items = yaml.safe_load(
+        (REPO / "recipes" / data.pop("evaluation")["eval_seeds_file"]).read_text()
+    )
+    if evaluation:
+        data["evaluation"] = {"eval_seeds": items[:3]}
     data.update(examples=6, validation_fraction=0.34)
     data["training"]["local"].update(max_steps=2, batch_size=4, samples=1)
     path = tmp_path / "tiny.yaml"
@@ -70,6 +76,19 @@ def test_run_on_the_embedded_default_publishes_and_trains_a_student_that_reloads
     samples = training["metrics"]["samples"]
     assert len(samples) == 1 and samples[0]["teacher"] and samples[0]["after"]
 
+    # The transfer report, judged by the embedded SmolLM2 itself: every pair in both orders,
+    # each pair a verdict or a counted judge_error, whatever the small judge says.
+    transfer = manifest["evaluation"]["transfer"]
+    assert transfer["available"] is True and transfer["judge"]["host"] == "embedded"
+    assert transfer["judge_requests"]["requests"] == 4 * 3
+    for name in ("vs_base", "vs_teacher"):
+        figures = transfer["comparisons"][name]
+        assert figures["items"] == 3
+        assert figures["wins"] + figures["ties"] + figures["losses"] == figures["pairs_judged"]
+        assert figures["pairs_judged"] + figures["judge_errors"] == 3
+    assert (folder / "evaluation" / "transfer.parquet").is_file()
+    assert "transfer report (judge smollm2-135m-instruct at embedded" in output
+
     # The student is a plain Hugging Face folder: it reloads and answers.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +114,8 @@ def test_a_gguf_given_by_path_teaches_and_the_manifest_names_its_weights(tmp_pat
 
     gguf = gguf_path()
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "distillery.flows.cli", "run", str(tiny_recipe(tmp_path))]
+    recipe = tiny_recipe(tmp_path, evaluation=False)
+    command = [sys.executable, "-m", "distillery.flows.cli", "run", str(recipe)]
     command += ["--output", str(out), "--examples", "6", "--no-train", "--teacher-gguf", str(gguf)]
     proc = subprocess.run(
         command, cwd=REPO, env=clean_env(tmp_path), capture_output=True, text=True, timeout=900
