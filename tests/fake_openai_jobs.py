@@ -56,6 +56,7 @@ class Stats:
     files_uploaded: int = 0
     jobs_created: int = 0
     job_polls: int = 0  # GET /v1/fine_tuning/jobs/{job_id}
+    chats: collections.Counter[str] = field(default_factory=collections.Counter)  # by model
 
     @property
     def total(self) -> int:
@@ -70,6 +71,7 @@ class Stats:
             files_uploaded=self.files_uploaded,
             jobs_created=self.jobs_created,
             job_polls=self.job_polls,
+            chats=collections.Counter(self.chats),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -81,6 +83,7 @@ class Stats:
             "files_uploaded": self.files_uploaded,
             "jobs_created": self.jobs_created,
             "job_polls": self.job_polls,
+            "chats": dict(self.chats),
         }
 
 
@@ -304,6 +307,7 @@ class _Core:
         app.router.add_get("/v1/fine_tuning/jobs/{job_id}", self.get_job)
         app.router.add_get("/v1/fine_tuning/jobs/{job_id}/events", self.list_events)
         app.router.add_post("/v1/fine_tuning/jobs/{job_id}/cancel", self.cancel_job)
+        app.router.add_post("/v1/chat/completions", self.chat_completion)
         return app
 
     @web.middleware
@@ -336,6 +340,59 @@ class _Core:
             response = await handler(request)
         response.headers["x-request-id"] = f"req_{self._new_id('')}"
         return response
+
+    # Chat completions -----------------------------------------------------------------------
+
+    async def chat_completion(self, request: web.Request) -> web.Response:
+        """What a user of a fine-tuned model calls next: the base model of a job and its
+        fine-tuned model answer (the fine-tuned one at more length, which a judge that prefers
+        the longer answer rewards); any other model is OpenAI's 404."""
+        body = await request.json()
+        model = str(body.get("model"))
+        with self.lock:
+            for job in self.jobs.values():
+                self._advance(job)
+            tuned = {j.fine_tuned_model for j in self.jobs.values() if j.fine_tuned_model}
+            bases = {j.model for j in self.jobs.values()}
+            known = model in tuned or model in bases
+            if known:
+                self.stats.chats[model] += 1
+        if not known:
+            return _error(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
+        asked = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
+        question = str(asked[-1] if asked else "").strip().splitlines()[-1:] or [""]
+        if model in tuned:
+            text = (
+                f"Fine-tuned answer to '{question[0]}': start from your own situation, keep an "
+                "emergency fund, spread the money over broad index funds, and revisit the plan "
+                "once a year or when your goals change."
+            )
+        else:
+            text = f"Base answer to '{question[0]}': it depends."
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{self._new_id('')}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 50,
+                    "completion_tokens": len(text) // 4,
+                    "total_tokens": 50 + len(text) // 4,
+                },
+            }
+        )
 
     # Files ----------------------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ from distillery.tasks.transfer import (
     transfer_report,
     win_rate,
 )
+from fake_openai_jobs import FakeOpenAIJobs
+from fake_openai_jobs import Knobs as JobKnobs
 from fake_teacher import FakeTeacher, Knobs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -422,6 +424,64 @@ def test_run_transfer_writes_the_verdicts_the_manifest_entry_and_withholds_promo
     assert recorded["promoted"] is False
     assert entry["judge_requests"]["requests"] == 16
     assert any(line.startswith("gate FAILED") for line in logged)
+
+
+# ---- a whole run with the openai backend: the fine-tuned model asked where it was trained ---
+
+
+def test_an_openai_training_run_judges_its_fine_tuned_model_against_its_base(
+    workdir: Path, teacher: FakeTeacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole flow with the openai backend: the fine-tuning job runs on the fake API, which
+    then serves the job's base model and its fine-tuned model (the tuned one answers at more
+    length); the fake teacher judges, preferring the longer answer in both orders."""
+    from distillery.flows.distill import distill
+
+    teacher.knobs.judge_pairwise = "longer"
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    data = {**yaml.safe_load(RECIPE.read_text()), "seeds": SEEDS}
+    data.pop("seeds_file")
+    data.update(examples=16, validation_fraction=0.2)
+    data["evaluation"] = {"eval_seeds": EVAL_ITEMS[:3], "min_win_rate_vs_base": 0.6}
+    with FakeOpenAIJobs(JobKnobs(api_key="test-key", job_seconds=0.5)) as api:
+        data["training"] = {
+            "backend": "openai",
+            "openai": {
+                "base_url": api.base_url,
+                "poll_interval_s": 0.05,
+                "max_poll_interval_s": 0.2,
+            },
+        }
+        recipe = workdir / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(data))
+        summary = distill(
+            recipe=str(recipe), output=str(workdir / "out"), teacher_model="fake-teacher",
+            teacher_base_url=teacher.url,
+        )  # fmt: skip
+        (job,) = api.jobs()
+        chats = api.stats.chats
+
+    training = summary["training"]
+    assert training["backend"] == "openai" and training["status"] == "succeeded"
+    assert training["fine_tuned_model"] == job["fine_tuned_model"]
+    # Each model answered each item once, at the fine-tuning endpoint.
+    assert chats == {job["model"]: 3, job["fine_tuned_model"]: 3}
+    report = summary["transfer"]
+    assert report["students"] == {"base": job["model"], "trained": job["fine_tuned_model"]}
+    assert report["student_requests"]["sent"] == 6
+    vs_base = report["comparisons"]["vs_base"]
+    assert (vs_base["wins"], vs_base["ties"], vs_base["losses"]) == (3, 0, 0)
+    assert vs_base["win_rate"] == 1.0 and vs_base["swap_consistency"] == 1.0
+    assert report["caution"] is None
+    assert report["gate"]["passed"] is True and training["promoted"] is True
+    assert teacher.stats.judged["pairwise"] == 4 * 3
+
+    dataset = workdir / "out" / "stock-advisor"
+    folder = dataset / (dataset / "LATEST").read_text().strip()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["evaluation"]["transfer"]["comparisons"]["vs_base"]["win_rate"] == 1.0
+    verdicts = pd.read_parquet(folder / TRANSFER_FILE)
+    assert set(verdicts[verdicts["comparison"] == "vs_base"]["outcome"]) == {"win"}
 
 
 # ---- a whole run through the CLI: real training, the gate --------------------------------------
