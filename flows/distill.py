@@ -1,6 +1,5 @@
 """The distill flow: seeds -> expand -> answer -> validate -> export, as cached, retryable tasks."""
 
-import dataclasses
 import gc
 import os
 import queue
@@ -45,10 +44,11 @@ from distillery.tasks.export import (
 from distillery.tasks.judge import (
     JudgedAnswers,
     add_judge_summaries,
-    answer_and_judge,
     judge_endpoint,
     judge_manifest,
     judge_summary,
+    sent_from_now,
+    submit_answers,
 )
 from distillery.tasks.memory import release_freed_memory
 from distillery.tasks.recipe import Recipe, load_recipe, target_size
@@ -208,11 +208,7 @@ class AnswerStage:
         self._batches[cycle] += 1
         self._pending_rows += len(inputs)
         label = f"cycle-{cycle}-batch-{self._batches[cycle]}"
-        if self.judge is not None:
-            judged = answer_and_judge.submit(self.recipe, self.endpoint, self.judge, inputs, label)
-            self._futures.append(judged)  # type: ignore[arg-type]  # a JudgedAnswers is one
-        else:
-            self._futures.append(answer_inputs.submit(self.recipe, self.endpoint, inputs, label))
+        self._futures.append(submit_answers(self.recipe, self.endpoint, self.judge, inputs, label))
 
     def submit_reference(self, items: pd.DataFrame) -> None:
         """Answer the evaluation items, in one task of their own."""
@@ -298,10 +294,7 @@ def generate(
     if not teacher_needed(plan):
         return out
     engine = get_engine(endpoint)
-    before = dataclasses.replace(engine.totals)
-    # A judge of its own (judge.base_url): its engine counts what it sent, apart.
-    own_judge = get_engine(judge) if judge is not None and judge != endpoint else None
-    judge_before = dataclasses.replace(own_judge.totals) if own_judge else None
+    sent_now = sent_from_now(endpoint, judge)  # a judge of its own counts in its own engine
     started = time.monotonic()
     stats = CallStats()
     inputs = pd.concat([plan.kept[INPUT_COLUMNS], plan.to_answer], ignore_index=True)
@@ -347,9 +340,7 @@ def generate(
         stats.add(answers.reference.stats)
         out.reference = answers.reference.rows[EVAL_SCHEMA.names]
     out.requests = stats.requests
-    out.this_run = engine.totals.since(before)
-    if own_judge is not None and judge_before is not None:
-        out.this_run.add(own_judge.totals.since(judge_before))
+    out.this_run = sent_now()
     if judge is not None:
         judged = [a for a in answers.results if isinstance(a, JudgedAnswers)]
         here = judge_summary(judged, str(flow_run.get_id() or ""))

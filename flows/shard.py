@@ -59,8 +59,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from distillery.tasks.answer import AnswerResult, answer_inputs, build_answer_request
-from distillery.tasks.judge import JudgedAnswers, answer_and_judge, judge_summary
+from distillery.tasks.answer import AnswerResult, build_answer_request
+from distillery.tasks.judge import JudgedAnswers, judge_summary, sent_from_now, submit_answers
 from distillery.tasks.recipe import Recipe
 from distillery.tasks.record import INPUT_COLUMNS
 from distillery.tasks.teacher import (
@@ -69,7 +69,6 @@ from distillery.tasks.teacher import (
     TeacherEndpoint,
     TeacherError,
     close_engine,
-    get_engine,
 )
 
 # A shard's slot of the endpoint's concurrency limit is leased (Prefect renews the lease while
@@ -156,6 +155,10 @@ def plan_sharding(
         )
     name = limit_name(endpoint)
     slots = ensure_limit(name, recipe.scale.max_running or shards)
+    if deployed:
+        # No such deployment: run_deployed says so when it starts the shards, with the fix.
+        with contextlib.suppress(ObjectNotFound):
+            ensure_crash_detection(recipe.scale.deployment)
     budget = None
     if deployed:
         # One spend total (and one --max-cost cap) for the parent and its shards, each its own
@@ -189,10 +192,6 @@ def ensure_limit(name: str, slots: int) -> int:
             return slots
 
 
-def crash_detection_name(deployment: str) -> str:
-    return f"distillery: crash runs of {deployment} whose heartbeats stop"
-
-
 def ensure_crash_detection(deployment: str) -> str:
     """The automation that marks a run of `deployment` Crashed when its heartbeats stop (created
     if missing; Prefect's recipe for "zombie" flow runs, limited to this deployment's runs). A
@@ -205,7 +204,7 @@ def ensure_crash_detection(deployment: str) -> str:
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    name = crash_detection_name(deployment)
+    name = f"distillery: crash runs of {deployment} whose heartbeats stop"
     with get_client(sync_client=True) as client:
         if client.read_automations_by_name(name):
             return name
@@ -368,8 +367,6 @@ def run_deployed(sharding: Sharding, label: str, shard_params: list[dict[str, An
         assert isinstance(run, FlowRun)  # called from sync code: the run, not a coroutine
         return run.id
 
-    with contextlib.suppress(ObjectNotFound):  # no such deployment: start() says so, with the fix
-        ensure_crash_detection(sharding.deployment)  # type: ignore[arg-type]
     attempts = {p["shard"]: 1 for p in shard_params}
     pending = {p["shard"]: (start(p, 1), p) for p in shard_params}
     with get_client(sync_client=True) as client:
@@ -425,17 +422,20 @@ def read_bytes(uri: str) -> bytes:
         return bytes(f.read())
 
 
-def _use_settings(endpoint: TeacherEndpoint, share: float, budget_id: str | None) -> None:
-    """This process's engine for `endpoint` paces to `share` of the endpoint's limits and counts
-    its spend in the ledger `budget_id` (None: as the environment says)."""
+def _use_settings(share: float, budget_id: str | None, *endpoints: TeacherEndpoint | None) -> None:
+    """This process's engines for `endpoints` (the teacher's, a judge's) pace to `share` of
+    their endpoint's limits and count their spend in the ledger `budget_id` (None: as the
+    environment says)."""
     settings = EngineSettings()
     if settings.rate_share == share and budget_id in (None, settings.budget_id):
         return
-    # The engine reads its settings from the environment when it is made (tasks/teacher).
+    # An engine reads its settings from the environment when it is made (tasks/teacher).
     os.environ["DISTILLERY_RATE_SHARE"] = repr(share)
     if budget_id is not None:
         os.environ["DISTILLERY_BUDGET_ID"] = budget_id
-    close_engine(endpoint)
+    for endpoint in endpoints:
+        if endpoint is not None:
+            close_engine(endpoint)
 
 
 def _slots(limit: str | None, occupy: int) -> AbstractContextManager[None]:
@@ -481,28 +481,15 @@ def distill_shard(
     rows as a Parquet part."""
     inputs = read_frame(f"{folder}/inputs-{shard}.parquet")[INPUT_COLUMNS]
     with _slots(limit, occupy):
-        _use_settings(endpoint, rate_share, budget_id)
-        engine = get_engine(endpoint)
-        before = dataclasses.replace(engine.totals)
-        # A judge of its own (judge.base_url) paces to the same share; its engine counts apart.
-        own_judge = None
-        if judge is not None and judge != endpoint:
-            close_engine(judge)  # made again with this process's share
-            own_judge = get_engine(judge)
-        judge_before = dataclasses.replace(own_judge.totals) if own_judge else None
+        _use_settings(rate_share, budget_id, endpoint, judge)
+        sent_now = sent_from_now(endpoint, judge)
         futures: list[PrefectFuture[AnswerResult]] = []
         for start in range(0, len(inputs), batch_size):
             batch = inputs.iloc[start : start + batch_size].reset_index(drop=True)
             label = f"shard-{shard}-batch-{len(futures) + 1}"
-            if judge is None:
-                futures.append(answer_inputs.submit(recipe, endpoint, batch, label))
-            else:
-                judged = answer_and_judge.submit(recipe, endpoint, judge, batch, label)
-                futures.append(judged)  # type: ignore[arg-type]  # a JudgedAnswers is one
+            futures.append(submit_answers(recipe, endpoint, judge, batch, label))
         results = [f.result() for f in futures]
-        sent = engine.totals.since(before)
-        if own_judge is not None and judge_before is not None:
-            sent.add(own_judge.totals.since(judge_before))
+        sent = sent_now()
     stats, rejects = CallStats(), Counter[str]()
     for result in results:
         stats.add(result.stats)

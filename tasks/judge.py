@@ -3,9 +3,11 @@ parsers; pure, shared by the judge stage and the transfer report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any, Literal
@@ -13,9 +15,10 @@ from typing import Any, Literal
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
-from distillery.tasks.answer import ANSWER_VERSION, AnswerResult, run_answers
+from distillery.tasks.answer import ANSWER_VERSION, AnswerResult, answer_inputs, run_answers
 from distillery.tasks.recipe import JudgeSettings, Recipe
 from distillery.tasks.record import JUDGE_COLUMNS
 from distillery.tasks.teacher import (
@@ -469,21 +472,50 @@ def judge_summary(batches: list[JudgedAnswers], run_id: str) -> dict[str, Any]:
 
 def add_judge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """judge_summary()s of parts of one run (a sharded run's parent and shards) as one."""
-    total: dict[str, Any] = {
-        "requests": 0,
-        "requests_sent": 0,
-        "requests_cached": 0,
-        "scored": 0,
-        "rejected": {"low_score": 0, "judge_error": 0},
-        "seconds": 0.0,
-    }
+
+    def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: add(v, b[k]) if isinstance(v, dict) else round(v + b[k], 2) for k, v in a.items()
+        }
+
+    total = judge_summary([], "")
     for part in summaries:
-        for key in ("requests", "requests_sent", "requests_cached", "scored"):
-            total[key] += part[key]
-        for reason in total["rejected"]:
-            total["rejected"][reason] += part["rejected"][reason]
-        total["seconds"] = round(total["seconds"] + part["seconds"], 2)
+        total = add(total, part)
     return total
+
+
+def submit_answers(
+    recipe: Recipe,
+    endpoint: TeacherEndpoint,
+    judge: TeacherEndpoint | None,
+    inputs: pd.DataFrame,
+    label: str,
+) -> PrefectFuture[AnswerResult]:
+    """One answer task for `inputs`: answer-and-judge with the judge on (a JudgedAnswers, which
+    is an AnswerResult), else answer only."""
+    if judge is None:
+        return answer_inputs.submit(recipe, endpoint, inputs, label)
+    judged = answer_and_judge.submit(recipe, endpoint, judge, inputs, label)
+    return judged  # type: ignore[return-value]  # a JudgedAnswers is an AnswerResult
+
+
+def sent_from_now(
+    endpoint: TeacherEndpoint, judge: TeacherEndpoint | None
+) -> Callable[[], CallStats]:
+    """What this process's teacher engine, and a judge's own engine (judge.base_url), send from
+    now on: call the result for the total so far."""
+    engines = [get_engine(endpoint)]
+    if judge is not None and judge != endpoint:
+        engines.append(get_engine(judge))
+    before = [dataclasses.replace(e.totals) for e in engines]
+
+    def since() -> CallStats:
+        total = CallStats()
+        for engine, start in zip(engines, before, strict=True):
+            total.add(engine.totals.since(start))
+        return total
+
+    return since
 
 
 def judge_manifest(

@@ -364,15 +364,16 @@ class _Core:
                 code="model_not_found",
             )
         asked = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
-        question = str(asked[-1] if asked else "").strip().splitlines()[-1:] or [""]
+        lines = str(asked[-1]).strip().splitlines() if asked else []
+        question = lines[-1] if lines else ""  # the student's turn ends with the question
         if model in tuned:
             text = (
-                f"Fine-tuned answer to '{question[0]}': start from your own situation, keep an "
+                f"Fine-tuned answer to '{question}': start from your own situation, keep an "
                 "emergency fund, spread the money over broad index funds, and revisit the plan "
                 "once a year or when your goals change."
             )
         else:
-            text = f"Base answer to '{question[0]}': it depends."
+            text = f"Base answer to '{question}': it depends."
         return web.json_response(
             {
                 "id": f"chatcmpl-{self._new_id('')}",
