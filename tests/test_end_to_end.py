@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -81,12 +82,23 @@ def test_run_on_the_embedded_default_publishes_and_trains_a_student_that_reloads
     transfer = manifest["evaluation"]["transfer"]
     assert transfer["available"] is True and transfer["judge"]["host"] == "embedded"
     assert transfer["judge_requests"]["requests"] == 4 * 3
+    # What the real judge replied, per pair: each of its two verdicts parsed into win / tie /
+    # loss or a judge_error with its reason, and the manifest's counts are those of the file.
+    from distillery.tasks.transfer import combine
+
+    verdicts = pd.read_parquet(folder / "evaluation" / "transfer.parquet")
     for name in ("vs_base", "vs_teacher"):
         figures = transfer["comparisons"][name]
-        assert figures["items"] == 3
-        assert figures["wins"] + figures["ties"] + figures["losses"] == figures["pairs_judged"]
-        assert figures["pairs_judged"] + figures["judge_errors"] == 3
-    assert (folder / "evaluation" / "transfer.parquet").is_file()
+        pairs = verdicts[verdicts["comparison"] == name]
+        assert figures["items"] == len(pairs) == 3
+        for row in pairs.itertuples():
+            assert {row.trained_first, row.trained_second} <= {"win", "tie", "loss", "judge_error"}
+            assert combine(row.trained_first, row.trained_second)[0] == row.outcome
+            assert (row.outcome == "judge_error") == pd.notna(row.judge_error)
+        counts = pairs["outcome"].value_counts()
+        for outcome, key in (("win", "wins"), ("tie", "ties"), ("loss", "losses")):
+            assert figures[key] == counts.get(outcome, 0)
+        assert figures["judge_errors"] == counts.get("judge_error", 0)
     assert "transfer report (judge smollm2-135m-instruct at embedded" in output
 
     # The student is a plain Hugging Face folder: it reloads and answers.
